@@ -1,0 +1,7 @@
+"""Adapter kinds: each one wraps base layers and owns only its own (trainable) parameters."""
+from .base import AdapterLayer, AdapterSpec
+from .bitfit import BitFit
+from .difffit import DiffFit
+from .lora import LoRA
+
+__all__ = ["AdapterLayer", "AdapterSpec", "BitFit", "DiffFit", "LoRA"]

@@ -1,0 +1,226 @@
+"""The one small interface every posterior over theta has, its persistence, and the Dirac case.
+
+``sample(n, generator=None)`` gives ``(n, d)``, ``mean`` gives ``(d,)``, ``covariance`` gives
+``(d, d)`` where the posterior has one. ``save(path)`` writes one file atomically and
+:func:`load_posterior` reads it back: the loaded posterior gives the same samples for the same
+generator. A posterior also remembers the likelihood it was fitted with, so ``bc.predict`` can
+split predictive variance into aleatoric and epistemic parts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import torch
+
+from .likelihoods import Likelihood, likelihood_from_config
+
+_KINDS: dict[str, type["Posterior"]] = {}
+
+
+class Posterior:
+    """Base class. Subclasses hold tensors in attributes named by ``state_keys`` and implement
+    ``sample`` and ``mean``; ``covariance`` and ``variance`` where they can."""
+
+    #: attribute names saved by ``save`` (tensors, numbers, strings, lists of dicts)
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _KINDS[cls.__name__] = cls
+
+    likelihood: Likelihood | None = None
+    #: per-epoch (or per-step) training records, where the engine kept any
+    history: list[dict[str, float]]
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[-1])
+
+    @property
+    def mean(self) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no dense covariance; use sample() "
+                                  f"or variance")
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Marginal variances, shape ``(d,)``."""
+        return self.covariance.diagonal()
+
+    @property
+    def is_point_mass(self) -> bool:
+        """True for a Dirac posterior: every sample is the mean."""
+        return False
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this posterior (and its likelihood) to one file, atomically."""
+        from .subspace import _atomic_write
+
+        payload = {"kind": type(self).__name__,
+                   "state": {k: getattr(self, k) for k in self.state_keys},
+                   "history": getattr(self, "history", []),
+                   "likelihood": None if self.likelihood is None else {
+                       "config": self.likelihood.config(),
+                       "state": {k: v.cpu() for k, v in self.likelihood.state_dict().items()}}}
+        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def _finish(self, likelihood: Likelihood | None, history: list[dict[str, float]] | None) -> None:
+        self.likelihood = likelihood
+        self.history = list(history or [])
+
+
+def load_posterior(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Posterior:
+    """Read a posterior written by :meth:`Posterior.save`."""
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    kind = payload.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"{path}: unknown posterior kind {kind!r} (known: {sorted(_KINDS)})")
+    cls = _KINDS[kind]
+    post = cls.__new__(cls)
+    for k, v in payload["state"].items():
+        setattr(post, k, v)
+    lik = None
+    if payload.get("likelihood") is not None:
+        lik = likelihood_from_config(payload["likelihood"]["config"])
+        lik.load_state_dict(payload["likelihood"]["state"])
+    post._finish(lik, payload.get("history"))
+    return post
+
+
+class DiracPosterior(Posterior):
+    """A point mass at ``theta_hat``: point-estimate training is inference with this posterior."""
+
+    state_keys = ("theta_hat",)
+
+    def __init__(self, theta_hat: torch.Tensor, likelihood: Likelihood | None = None,
+                 history: list[dict[str, float]] | None = None):
+        self.theta_hat = theta_hat.detach().clone()
+        self._finish(likelihood, history)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.theta_hat
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        d = self.theta_hat.shape[0]
+        return torch.zeros(d, d, dtype=self.theta_hat.dtype, device=self.theta_hat.device)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.zeros_like(self.theta_hat)
+
+    @property
+    def is_point_mass(self) -> bool:
+        return True
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.theta_hat.expand(n, -1).clone()
+
+
+def standard_normal(shape: tuple[int, ...], like: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """``N(0, I)`` noise of ``shape`` drawn on the generator's device, returned on ``like``'s."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+class GaussianPosterior(Posterior):
+    r"""``N(mu, L L^T)`` with a dense lower-triangular Cholesky factor ``L`` (``scale_tril``)."""
+
+    state_keys = ("loc", "scale_tril")
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, likelihood: Likelihood | None = None,
+                 history: list[dict[str, float]] | None = None):
+        self.loc, self.scale_tril = loc.detach().clone(), scale_tril.detach().clone()
+        self._finish(likelihood, history)
+
+    @classmethod
+    def from_precision(cls, loc: torch.Tensor, precision: torch.Tensor, **kwargs: Any) -> "GaussianPosterior":
+        r"""From a precision matrix ``P``: ``Sigma = P^{-1}``, ``L = chol(Sigma)`` via
+        ``chol(P)^{-T}`` (no explicit inverse of an ill-conditioned matrix)."""
+        p_chol = torch.linalg.cholesky(precision)
+        eye = torch.eye(precision.shape[0], dtype=precision.dtype, device=precision.device)
+        inv_upper = torch.linalg.solve_triangular(p_chol.mT, eye, upper=True)  # chol(P)^{-T}
+        # Sigma = inv_upper inv_upper^T with inv_upper upper triangular; take its lower Cholesky
+        scale_tril = torch.linalg.cholesky(inv_upper @ inv_upper.mT)
+        return cls(loc, scale_tril.to(loc.dtype), **kwargs)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.scale_tril @ self.scale_tril.mT
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.scale_tril ** 2).sum(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = standard_normal((n, self.loc.shape[0]), self.loc, generator)
+        return self.loc + eps @ self.scale_tril.mT
+
+
+class DiagGaussianPosterior(Posterior):
+    """``N(mu, diag(std^2))``."""
+
+    state_keys = ("loc", "std")
+
+    def __init__(self, loc: torch.Tensor, std: torch.Tensor, likelihood: Likelihood | None = None,
+                 history: list[dict[str, float]] | None = None):
+        self.loc, self.std = loc.detach().clone(), std.detach().clone()
+        self._finish(likelihood, history)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return torch.diag(self.std ** 2)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.std ** 2
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.loc + self.std * standard_normal((n, self.loc.shape[0]), self.loc, generator)
+
+
+class LowRankGaussianPosterior(Posterior):
+    r"""``N(mu, diag(v) + F F^T)`` with ``v`` of shape ``(d,)`` and ``F`` of shape ``(d, K)``
+    (SWAG's form; one draw ``mu + sqrt(v) e_1 + F e_2`` couples all of theta)."""
+
+    state_keys = ("loc", "diag_var", "factor")
+
+    def __init__(self, loc: torch.Tensor, diag_var: torch.Tensor, factor: torch.Tensor,
+                 likelihood: Likelihood | None = None, history: list[dict[str, float]] | None = None):
+        self.loc, self.diag_var, self.factor = (t.detach().clone() for t in (loc, diag_var, factor))
+        self._finish(likelihood, history)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return torch.diag(self.diag_var) + self.factor @ self.factor.mT
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.diag_var + (self.factor ** 2).sum(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        d, k = self.factor.shape
+        e1 = standard_normal((n, d), self.loc, generator)
+        e2 = standard_normal((n, k), self.loc, generator)
+        return self.loc + self.diag_var.clamp_min(0).sqrt() * e1 + e2 @ self.factor.mT

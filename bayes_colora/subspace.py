@@ -1,0 +1,239 @@
+r"""The subspace: a frozen base model plus adapters, seen as a function ``f(x; theta)``.
+
+``theta`` in R^d is the concatenation of every adapter parameter, flattened in the order of
+``model.named_parameters()``. ``theta = theta_0`` (the adapters' initial values, every delta zero)
+reproduces the pretrained model exactly. Evaluating ``f(x; T)`` for ``T`` of shape ``(S, d)`` runs
+``torch.func.functional_call`` under ``torch.func.vmap``: one batched call, not a loop over S.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .adapters.base import AdapterLayer, AdapterSpec
+
+OutputFn = Callable[[Any], torch.Tensor]
+
+
+def default_output(out: Any) -> torch.Tensor:
+    """The prediction tensor of a model's output.
+
+    A tensor is returned as is; a tuple or list gives its first item; a mapping (transformers'
+    ``ModelOutput``) gives ``logits``, ``predicted_depth`` or ``prediction``, whichever it has.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        for key in ("logits", "predicted_depth", "prediction"):
+            if out.get(key) is not None:
+                return out[key]
+        raise TypeError(f"cannot tell which model output to use among {list(out)}; "
+                        f"pass output=lambda out: out[<key>] to Subspace.from_model")
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model returned {type(out).__name__}; pass output=<callable> to "
+                    f"Subspace.from_model to pick the prediction tensor")
+
+
+def call_model(model: nn.Module, x: Any) -> Any:
+    """``model(**x)`` for a dict of tensors, ``model(*x)`` for a tuple, else ``model(x)``."""
+    if isinstance(x, Mapping):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+class Subspace(nn.Module):
+    """A frozen model with adapters attached; ``theta`` is the vector of all adapter parameters.
+
+    Build one with :meth:`from_model`. ``sub(x)`` runs the model at the current ``theta``;
+    ``sub(x, theta=t)`` runs it at ``t`` of shape ``(d,)``, or of shape ``(S, d)`` in one
+    vectorised call returning a leading ``S`` axis.
+    """
+
+    def __init__(self, model: nn.Module, specs: Sequence[AdapterSpec], output: OutputFn | None = None):
+        super().__init__()
+        self.model = model
+        self.specs = list(specs)
+        self.output = output or default_output
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.param_names:
+            raise ValueError("the subspace is empty: no adapter parameter was created")
+        params = dict(model.named_parameters())
+        self.param_shapes = [params[n].shape for n in self.param_names]
+        self.param_numels = [params[n].numel() for n in self.param_names]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, spec: AdapterSpec | Sequence[AdapterSpec],
+                   output: OutputFn | None = None) -> "Subspace":
+        """Freeze ``model`` (weights and BatchNorm statistics: it is put in eval mode) and attach
+        the adapters of ``spec`` (one spec or a list, applied in order; later ones may wrap
+        layers earlier ones adapted). The model is modified in place.
+
+        Args:
+            model: any ``nn.Module`` (an MLP, a timm model, a transformers model).
+            spec: e.g. ``bc.LoRA(rank=4, targets=r"attention\\.(query|value)")``.
+            output: picks the prediction tensor from the model's output; default
+                :func:`default_output`.
+        """
+        specs = [spec] if isinstance(spec, AdapterSpec) else list(spec)
+        if not specs:
+            raise ValueError("give at least one adapter spec, e.g. bc.LoRA(rank=4)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        for s in specs:
+            if not isinstance(s, AdapterSpec):
+                raise TypeError(f"expected adapter specs such as bc.LoRA(...), got {type(s).__name__}")
+            for name, layer in s.select(model.named_modules()):
+                _set_submodule(model, name, s.wrap(name, layer))
+        return cls(model, specs, output)
+
+    # ------------------------------------------------------------------ theta
+    @property
+    def dim(self) -> int:
+        """d, the number of adapter parameters."""
+        return sum(self.param_numels)
+
+    def _params(self) -> list[nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.param_names]
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """The current adapter parameters as one detached 1-D tensor of length d."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params()])
+
+    @theta.setter
+    def theta(self, value: torch.Tensor) -> None:
+        self._check_theta(value, allow_batch=False)
+        with torch.no_grad():
+            for p, piece in zip(self._params(), self.unflatten(value).values()):
+                p.copy_(piece)
+
+    @property
+    def device(self) -> torch.device:
+        return self._params()[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._params()[0].dtype
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a length-d vector into views shaped like the adapter parameters."""
+        pieces = torch.split(theta, self.param_numels, dim=-1)
+        return {n: piece.reshape(*theta.shape[:-1], *shape)
+                for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
+
+    def _check_theta(self, theta: torch.Tensor, allow_batch: bool) -> None:
+        ok = isinstance(theta, torch.Tensor) and theta.shape[-1:] == (self.dim,) and (
+            theta.dim() == 1 or (allow_batch and theta.dim() == 2))
+        if not ok:
+            got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+            want = f"({self.dim},)" + (f" or (S, {self.dim})" if allow_batch else "")
+            raise ValueError(f"theta has shape {got}, expected {want} for this subspace (d = {self.dim})")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Any, theta: torch.Tensor | None = None,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """``f(x; theta)``.
+
+        Args:
+            x: a tensor, a dict of tensors (passed as keyword arguments) or a tuple.
+            theta: ``None`` (current parameters), shape ``(d,)``, or ``(S, d)``.
+            chunk_size: with ``(S, d)``, evaluate at most this many samples at once (memory).
+
+        Returns:
+            the prediction tensor; with ``theta`` of shape ``(S, d)`` it has a leading ``S`` axis.
+        """
+        if theta is None:
+            return self.output(call_model(self.model, x))
+        self._check_theta(theta, allow_batch=True)
+        theta = theta.to(device=self.device)
+        if theta.dim() == 1:
+            return self._functional(theta, x)
+        return vmap(self._functional, in_dims=(0, None), chunk_size=chunk_size)(theta, x)
+
+    def _functional(self, theta: torch.Tensor, x: Any) -> torch.Tensor:
+        args, kwargs = ((), x) if isinstance(x, Mapping) else (
+            (tuple(x), {}) if isinstance(x, (tuple, list)) else ((x,), {}))
+        out = functional_call(self.model, self.unflatten(theta), args, kwargs, strict=False)
+        return self.output(out)
+
+    # ------------------------------------------------------------- adapters
+    def adapter_layers(self) -> dict[str, AdapterLayer]:
+        """Every adapter layer by qualified name, outermost wrappers included."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, AdapterLayer)}
+
+    def count_by_adapter(self) -> dict[str, int]:
+        """Number of theta entries owned by each adapter kind (class name of the layer)."""
+        counts: dict[str, int] = {}
+        for layer in self.adapter_layers().values():
+            own = sum(p.numel() for n, p in layer.named_parameters(recurse=False))
+            counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + own
+        return counts
+
+    def merge(self) -> None:
+        """Fold every adapter's delta into the base weights (inner adapters first)."""
+        for layer in reversed(list(self.adapter_layers().values())):
+            layer.merge()
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (outer adapters first)."""
+        for layer in self.adapter_layers().values():
+            layer.unmerge()
+
+    def save_adapters(self, path: str | os.PathLike) -> None:
+        """Write the adapter parameters to a safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous().cpu() for n, t in self.unflatten(self.theta).items()}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"dim": str(self.dim)}))
+
+    def load_adapters(self, path: str | os.PathLike) -> None:
+        """Load adapter parameters written by :meth:`save_adapters` into this subspace."""
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(path))
+        missing = [n for n in self.param_names if n not in loaded]
+        extra = [n for n in loaded if n not in self.param_names]
+        if missing or extra:
+            raise ValueError(f"{path} does not fit this subspace: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}; build the subspace with the same adapters")
+        for n, shape in zip(self.param_names, self.param_shapes):
+            if loaded[n].shape != shape:
+                raise ValueError(f"{path}: {n} has shape {tuple(loaded[n].shape)}, "
+                                 f"this subspace has {tuple(shape)}")
+        self.theta = torch.cat([loaded[n].reshape(-1) for n in self.param_names]).to(self.device)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, adapters={self.specs}"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
