@@ -1,0 +1,314 @@
+r"""Metrics of predictive quality: error, negative log-likelihood, calibration.
+
+Pure functions on tensors (any device). Scalar metrics return Python floats; curves return
+tensors. Everything is computed in float64.
+
+Regression (``mean``, ``var``, ``y`` of one shape; ``var`` may be anything that broadcasts to
+it, e.g. a float ``sigma**2``) treats the predictive of each element as ``N(mean, var)`` and
+accepts ``mask``, a boolean tensor of ``y``'s shape marking the valid elements: only those enter
+the metric, and only those must be finite (invalid pixels of a depth map may hold NaN).
+
+Classification takes ``probs`` of shape ``(B, C)`` or ``(B, C, ...)`` (classes along axis 1, as
+``bc.Categorical``) and integer class indices ``y`` of shape ``(B,)`` or ``(B, ...)``; every
+position is one prediction.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .likelihoods import Likelihood
+from .predictive import Predictive
+
+#: default central-interval probability levels: 0.05, 0.10, ..., 0.95
+DEFAULT_LEVELS: tuple[float, ...] = tuple(i / 20 for i in range(1, 20))
+
+
+# --------------------------------------------------------------------------- input checks
+
+def _tensor(x: torch.Tensor | float, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}") from err
+    return x.detach()
+
+
+def _check_finite(t: torch.Tensor, name: str, hint: str = "") -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf){hint}; clean the "
+                         f"input{' or pass mask= to exclude them' if hint else ''}")
+
+
+def _valid_elements(y: torch.Tensor, mask: torch.Tensor | None,
+                    **preds: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
+    """Flattened float64 valid elements of ``y`` and of each prediction (``var`` broadcasts).
+
+    Returns ``(y_valid, *preds_valid)`` in the order given, each of shape ``(N,)``.
+    """
+    y = _tensor(y, "y")
+    out = []
+    for name, p in preds.items():
+        p = _tensor(p, name)
+        if name == "var":
+            if torch.broadcast_shapes(p.shape, y.shape) != y.shape if _broadcasts(p, y) else True:
+                raise ValueError(f"var shape {tuple(p.shape)} does not broadcast to the target "
+                                 f"shape {tuple(y.shape)}")
+            p = p.expand(y.shape)
+        elif p.shape != y.shape:
+            raise ValueError(f"{name} shape {tuple(p.shape)} does not match target shape "
+                             f"{tuple(y.shape)}; give one prediction per target element")
+        out.append(p)
+    if mask is not None:
+        mask = _tensor(mask, "mask")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a boolean tensor (True = valid), got {mask.dtype}; "
+                            f"use mask.bool() or a comparison such as y > 0")
+        if mask.shape != y.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match target shape "
+                             f"{tuple(y.shape)}")
+        y, out = y[mask], [p[mask] for p in out]
+    hint = " among the valid elements" if mask is not None else " (pass mask= to exclude invalid elements)"
+    if y.numel() == 0:
+        raise ValueError("no valid element to evaluate: the target is empty or the mask is all False")
+    y = y.reshape(-1).double()
+    _check_finite(y, "y", hint)
+    flat = []
+    for name, p in zip(preds, out):
+        p = p.reshape(-1).double()
+        _check_finite(p, name, hint)
+        if name == "var" and (p <= 0).any():
+            raise ValueError(f"var must be positive, got minimum {p.min().item():.3g}; pass a "
+                             f"variance (sigma**2), not a log-variance")
+        flat.append(p)
+    return (y, *flat)
+
+
+def _broadcasts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _classification_inputs(probs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs (N, C) float64, y (N,) int64)`` after checking shapes, range and normalisation."""
+    probs, y = _tensor(probs, "probs"), _tensor(y, "y")
+    if probs.dim() < 2:
+        raise ValueError(f"probs must have shape (B, C) or (B, C, ...), got {tuple(probs.shape)}")
+    want = (probs.shape[0],) + tuple(probs.shape[2:])
+    if tuple(y.shape) != want:
+        raise ValueError(f"target shape {tuple(y.shape)} does not match probs shape "
+                         f"{tuple(probs.shape)}: class indices of shape {want} expected")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class indices, got {y.dtype}; use y.long()")
+    if y.numel() == 0:
+        raise ValueError("no element to evaluate: the target is empty")
+    n_classes = probs.shape[1]
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"class index out of range [0, {n_classes}): min {int(y.min())}, "
+                         f"max {int(y.max())}")
+    _check_finite(probs, "probs")
+    probs = probs.movedim(1, -1).reshape(-1, n_classes).double()
+    if (probs < 0).any() or (probs.sum(-1) - 1).abs().max() > 1e-3:
+        raise ValueError("probs must be probabilities summing to 1 along axis 1 (classes); got "
+                         "values outside [0, 1] or sums away from 1: pass logits.softmax(1), not logits")
+    return probs, y.reshape(-1).long()
+
+
+def _levels(levels: torch.Tensor | tuple[float, ...] | float, device: torch.device) -> torch.Tensor:
+    p = _tensor(levels, "levels").to(device, torch.float64).reshape(-1)
+    if p.numel() == 0 or not torch.isfinite(p).all() or (p <= 0).any() or (p >= 1).any():
+        raise ValueError(f"levels must be probabilities strictly inside (0, 1), got {p.tolist()}")
+    return p
+
+
+# --------------------------------------------------------------------------- regression
+
+def rmse(mean: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    r"""Root mean squared error ``sqrt( (1/N) sum_i (y_i - mean_i)^2 )`` over the valid elements."""
+    y, mean = _valid_elements(y, mask, mean=mean)
+    return (y - mean).pow(2).mean().sqrt().item()
+
+
+def mae(mean: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    r"""Mean absolute error ``(1/N) sum_i |y_i - mean_i|`` over the valid elements."""
+    y, mean = _valid_elements(y, mask, mean=mean)
+    return (y - mean).abs().mean().item()
+
+
+def gaussian_nll(mean: torch.Tensor, var: torch.Tensor | float, y: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> float:
+    r"""Mean negative log density per element under ``N(mean, var)``:
+
+    ``(1/N) sum_i 0.5 [ (y_i - mean_i)^2 / var_i + log var_i + log 2 pi ]`` (nats).
+
+    For a sampled predictive pass ``var = pred.total``: the Gaussian with the predictive's first
+    two moments (exact for a Gaussian posterior of a linear model, an approximation otherwise).
+    """
+    y, mean, var = _valid_elements(y, mask, mean=mean, var=var)
+    return (0.5 * ((y - mean) ** 2 / var + var.log() + math.log(2 * math.pi))).mean().item()
+
+
+def _standardised_errors(mean: torch.Tensor, var: torch.Tensor | float, y: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """Sorted ``|y - mean| / sqrt(var)`` of the valid elements, shape ``(N,)``."""
+    y, mean, var = _valid_elements(y, mask, mean=mean, var=var)
+    return ((y - mean).abs() / var.sqrt()).sort().values
+
+
+def regression_calibration(mean: torch.Tensor, var: torch.Tensor | float, y: torch.Tensor,
+                           levels: torch.Tensor | tuple[float, ...] = DEFAULT_LEVELS,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Observed coverage of the central prediction intervals at probability levels ``p``.
+
+    The central interval of ``N(mean_i, var_i)`` at level ``p`` is
+    ``mean_i +- z_p sqrt(var_i)`` with ``z_p = Phi^{-1}((1 + p) / 2)``; its observed coverage is
+    ``(1/N) #{i : |y_i - mean_i| <= z_p sqrt(var_i)}``. A calibrated predictive covers ``p``.
+
+    Returns a float64 tensor of shape ``(L,)``, one coverage per level (``levels``: ``L``
+    values strictly inside (0, 1)). Computed from the sorted standardised errors, ``O(N log N)``.
+    """
+    r = _standardised_errors(mean, var, y, mask)
+    p = _levels(levels, r.device)
+    z = torch.special.ndtri((1 + p) / 2)
+    return torch.searchsorted(r, z, right=True).double() / r.numel()
+
+
+def quantile_calibration_error(mean: torch.Tensor, var: torch.Tensor | float, y: torch.Tensor,
+                               levels: torch.Tensor | tuple[float, ...] = DEFAULT_LEVELS,
+                               mask: torch.Tensor | None = None) -> float:
+    r"""Mean absolute miscalibration of central prediction intervals:
+
+    ``(1/L) sum_l |coverage(p_l) - p_l|`` with ``coverage`` from :func:`regression_calibration`.
+
+    Convention: *central intervals* (the "interval" proportions of Uncertainty Toolbox's mean
+    absolute calibration error), not the one-sided quantiles ``P(y <= F^{-1}(p))`` of Kuleshov
+    et al. (2018); absolute, not squared, error; an unweighted mean over the given levels
+    (default 0.05, 0.10, ..., 0.95). 0 is perfect; over- and under-coverage both count.
+    """
+    p = _levels(levels, torch.device("cpu"))
+    observed = regression_calibration(mean, var, y, levels=p, mask=mask)
+    return (observed.cpu() - p).abs().mean().item()
+
+
+def interval_coverage(mean: torch.Tensor, var: torch.Tensor | float, y: torch.Tensor,
+                      level: float = 0.9, mask: torch.Tensor | None = None) -> float:
+    r"""Fraction of valid elements inside the central ``level`` interval
+    ``mean +- Phi^{-1}((1 + level) / 2) sqrt(var)``; ``level`` for a calibrated predictive."""
+    return regression_calibration(mean, var, y, levels=(level,), mask=mask).item()
+
+
+# --------------------------------------------------------------------------- classification
+
+def categorical_nll(probs: torch.Tensor, y: torch.Tensor) -> float:
+    r"""Mean negative log-probability of the true class, ``-(1/N) sum_i log p_i[y_i]`` (nats).
+
+    Probabilities are clamped below at ``1e-12`` so that a confidently wrong prediction costs
+    ``-log 1e-12 = 27.6`` nats rather than infinity.
+    """
+    probs, y = _classification_inputs(probs, y)
+    picked = probs.gather(1, y[:, None]).squeeze(1)
+    return -picked.clamp_min(1e-12).log().mean().item()
+
+
+def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
+    r"""Fraction of predictions whose most probable class is the true one,
+    ``(1/N) #{i : argmax_c p_i[c] = y_i}``."""
+    probs, y = _classification_inputs(probs, y)
+    return (probs.argmax(1) == y).double().mean().item()
+
+
+class ReliabilityBins(NamedTuple):
+    """Per-bin statistics of top-label confidence; ``n_bins`` entries each (``edges``: n_bins + 1).
+
+    ``confidence`` and ``accuracy`` are NaN for empty bins.
+    """
+
+    edges: torch.Tensor
+    confidence: torch.Tensor
+    accuracy: torch.Tensor
+    counts: torch.Tensor
+
+
+def _bin_sums(probs: torch.Tensor, y: torch.Tensor, n_bins: int):
+    """Edges, counts, summed confidences and summed correctness per bin, and N."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    probs, y = _classification_inputs(probs, y)
+    conf, pred = probs.max(1)
+    correct = (pred == y).double()
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)
+    idx = torch.bucketize(conf, edges[1:-1])  # bin b holds confidences in (edges[b], edges[b+1]]
+    counts = torch.bincount(idx, minlength=n_bins)
+    zeros = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
+    return edges, counts, zeros.index_add(0, idx, conf), zeros.index_add(0, idx, correct), conf.numel()
+
+
+def reliability_bins(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
+    r"""Top-label reliability statistics in ``n_bins`` equal-width confidence bins.
+
+    The confidence of prediction ``i`` is ``c_i = max_c p_i[c]``; bin ``b`` holds the ``n_b``
+    predictions with ``c_i`` in ``(b/n_bins, (b+1)/n_bins]``. Per bin:
+    ``confidence_b = mean_{i in b} c_i``, ``accuracy_b = mean_{i in b} 1[argmax p_i = y_i]``,
+    ``counts_b = n_b``. Tensors of shape ``(n_bins,)`` (float64; counts int64).
+    """
+    edges, counts, conf_sum, correct_sum, _ = _bin_sums(probs, y, n_bins)
+    nan = torch.full_like(conf_sum, float("nan"))
+    filled = counts > 0
+    return ReliabilityBins(edges, torch.where(filled, conf_sum / counts.clamp_min(1), nan),
+                           torch.where(filled, correct_sum / counts.clamp_min(1), nan), counts)
+
+
+def ece(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
+    r"""Expected calibration error, top-label, equal-width bins (Guo et al., 2017):
+
+    ``ECE = sum_b (n_b / N) |accuracy_b - confidence_b|
+          = (1/N) sum_b | sum_{i in b} (1[argmax p_i = y_i] - c_i) |``
+
+    with the bins of :func:`reliability_bins`. 0 is perfect calibration; a finite sample of a
+    calibrated predictor gives ``O(sqrt(n_bins / N))`` from binomial noise.
+    """
+    _, _, conf_sum, correct_sum, n = _bin_sums(probs, y, n_bins)
+    return ((correct_sum - conf_sum).abs().sum() / n).item()
+
+
+# --------------------------------------------------------------------------- summary
+
+def summarize(pred: Predictive, y: torch.Tensor, likelihood_task: str | Likelihood,
+              mask: torch.Tensor | None = None, levels: tuple[float, ...] = DEFAULT_LEVELS,
+              n_bins: int = 15) -> dict[str, float]:
+    r"""The relevant metrics of a :class:`~bayes_colora.predictive.Predictive` against targets.
+
+    ``likelihood_task`` is ``"regression"`` or ``"classification"`` (or a likelihood, whose
+    ``task`` is used).
+
+    * regression (Gaussian predictive ``N(pred.mean, pred.total)``): ``rmse``, ``mae``, ``nll``
+      (:func:`gaussian_nll`), ``calibration_error`` (:func:`quantile_calibration_error` over
+      ``levels``) and ``coverage_90`` (:func:`interval_coverage` at 0.9); ``mask`` selects the
+      valid elements;
+    * classification (``pred.probs``): ``accuracy``, ``nll`` (:func:`categorical_nll`) and
+      ``ece`` (:func:`ece` with ``n_bins``).
+    """
+    task = likelihood_task.task if isinstance(likelihood_task, Likelihood) else likelihood_task
+    if task == "regression":
+        return {"rmse": rmse(pred.mean, y, mask), "mae": mae(pred.mean, y, mask),
+                "nll": gaussian_nll(pred.mean, pred.total, y, mask),
+                "calibration_error": quantile_calibration_error(pred.mean, pred.total, y, levels, mask),
+                "coverage_90": interval_coverage(pred.mean, pred.total, y, 0.9, mask)}
+    if task == "classification":
+        if pred.probs is None:
+            raise ValueError("this Predictive has no class probabilities (pred.probs is None); it "
+                             "comes from a regression likelihood: use likelihood_task='regression'")
+        if mask is not None:
+            raise ValueError("mask is supported for regression only; select the valid positions "
+                             "of probs and y before calling summarize")
+        return {"accuracy": accuracy(pred.probs, y), "nll": categorical_nll(pred.probs, y),
+                "ece": ece(pred.probs, y, n_bins)}
+    raise ValueError(f"likelihood_task must be 'regression' or 'classification' (or a "
+                     f"likelihood), got {likelihood_task!r}")

@@ -1,0 +1,75 @@
+"""``sub(x, theta=T)`` with T of shape (S, d): one vectorised call versus a Python loop over S.
+
+Run: .venv/bin/python benchmarks/vmap_vs_loop.py [--samples 32] [--repeats 5] [--device cpu]
+Prints a markdown table (median wall time of each path and their ratio, measured in one run).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+from torch import nn
+from transformers import ViTConfig, ViTForImageClassification
+
+import bayes_colora as bc
+
+
+def cases(device: str) -> dict[str, tuple[bc.Subspace, torch.Tensor]]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+    # eager attention: torch has no vmap batching rule for the CPU flash-attention kernel
+    vit = ViTForImageClassification(ViTConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                                              intermediate_size=768, image_size=64, patch_size=8, num_labels=10,
+                                              attn_implementation="eager"))
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    small = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1))
+    return {
+        "MLP 16-64-1, LoRA r=2, batch 8": (
+            bc.Subspace.from_model(small, bc.LoRA(rank=2)), torch.randn(8, 16)),
+        "MLP 16-256-256-1, LoRA r=4, batch 256": (
+            bc.Subspace.from_model(mlp, bc.LoRA(rank=4)), torch.randn(256, 16)),
+        "ViT (4 layers, 192 wide), LoRA r=4 on q/v, batch 8 of 64x64": (
+            bc.Subspace.from_model(vit, bc.LoRA(rank=4, targets=r"attention\.(q_proj|v_proj)$")),
+            torch.randn(8, 3, 64, 64)),
+        "resnet18, BitFit, batch 8 of 64x64": (
+            bc.Subspace.from_model(resnet, bc.BitFit()), torch.randn(8, 3, 64, 64)),
+    }
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    print(f"S = {args.samples}, device = {args.device}, torch threads = {torch.get_num_threads()}")
+    print("| model | d | vectorised (s) | loop (s) | loop / vectorised | max abs diff |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (sub, x) in cases(args.device).items():
+        sub, x = sub.to(args.device), x.to(args.device)
+        thetas = sub.theta + 0.01 * torch.randn(args.samples, sub.dim, device=args.device)
+        vec = timed(lambda: sub(x, theta=thetas), args.repeats, sync)
+        loop = timed(lambda: torch.stack([sub(x, theta=t) for t in thetas]), args.repeats, sync)
+        diff = (sub(x, theta=thetas) - torch.stack([sub(x, theta=t) for t in thetas])).abs().max().item()
+        print(f"| {name} | {sub.dim:,} | {vec:.4f} | {loop:.4f} | {loop / vec:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
