@@ -5,20 +5,28 @@
 >>> post = bc.fit_map(sub, loader, bc.Gaussian(sigma=0.1), prior=bc.NormalPrior(1.0))
 >>> pred = bc.predict(sub, post, x, n_samples=32)   # .mean, .aleatoric, .epistemic, .total
 """
-from .adapters import AdapterLayer, AdapterSpec, BitFit, DiffFit, LoRA
+from .adapters import AdapterLayer, AdapterSpec, BitFit, ConvCoLoRA, DiffFit, LoRA, TuckerCoLoRA
 from .inference import fit_map
+from .inference import fit_laplace
+from .inference import fit_nuts, fit_swag, fit_vi, pca_basis, random_basis
+from .linearized import output_covariance
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .posterior import (DiagGaussianPosterior, DiracPosterior, GaussianPosterior,
                         LowRankGaussianPosterior, Posterior, load_posterior)
+from .posterior import LowRankPrecisionGaussianPosterior
+from .posterior import SamplePosterior
 from .predictive import Predictive, predict
 from .priors import NormalPrior
 from .subspace import Subspace
+from . import metrics, plots
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLayer", "AdapterSpec", "BitFit", "Categorical", "DiagGaussianPosterior", "DiffFit",
+    "AdapterLayer", "AdapterSpec", "BitFit", "Categorical", "ConvCoLoRA", "DiagGaussianPosterior", "DiffFit",
     "DiracPosterior", "GaussianPosterior", "LowRankGaussianPosterior",
-    "Gaussian", "Likelihood", "LoRA", "NormalPrior", "Posterior", "Predictive", "Subspace",
+    "Gaussian", "Likelihood", "LoRA", "NormalPrior", "Posterior", "Predictive", "Subspace", "TuckerCoLoRA",
     "fit_map", "load_posterior", "predict",
+    "fit_laplace", "output_covariance", "LowRankPrecisionGaussianPosterior",
+    "SamplePosterior", "fit_nuts", "fit_swag", "fit_vi", "pca_basis", "random_basis",
 ]

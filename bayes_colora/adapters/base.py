@@ -73,6 +73,18 @@ class AdapterLayer(nn.Module, ABC):
         self._merge_into_base(-1.0)
         self.merged = False
 
+    def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
+        """Fold the current delta into the base weights and start again from a zero delta
+        (the CoLoRA training recipe, once per epoch). Needs a ``reset_factors`` method."""
+        reset = getattr(self, "reset_factors", None)
+        if reset is None:
+            raise NotImplementedError(f"{type(self).__name__} cannot reset its factors")
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is merged; unmerge() first")
+        with torch.no_grad():
+            self._merge_into_base(1.0)
+        reset(generator)
+
     def extra_repr(self) -> str:
         n = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("base."))
         return f"params={n}, merged={self.merged}"

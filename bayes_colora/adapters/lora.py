@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .base import AdapterLayer, AdapterSpec
-from .layers import CONV_TYPES, LINEAR_TYPES, conv_apply, in_out_features, is_hf_conv1d
+from .conv import ConvDeltaLayer
+from .layers import CONV_TYPES, LINEAR_TYPES, in_out_features, is_hf_conv1d
 
 
 class LoRALinear(AdapterLayer):
@@ -36,7 +37,11 @@ class LoRALinear(AdapterLayer):
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in, dtype=ref.dtype, device=ref.device))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, rank, dtype=ref.dtype, device=ref.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.reset_factors()
+
+    def reset_factors(self, generator: torch.Generator | None = None) -> None:
+        """A Kaiming-uniform, B zero: the delta is zero."""
+        _reset_lora(self.lora_A, self.lora_B, generator)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` in the base layer's weight layout."""
@@ -50,7 +55,7 @@ class LoRALinear(AdapterLayer):
         self.base_layer.weight.add_(sign * self.delta_weight())
 
 
-class LoRAConv(AdapterLayer):
+class LoRAConv(ConvDeltaLayer):
     """LoRA around a convolution or transposed convolution; see the module docstring."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
@@ -60,17 +65,23 @@ class LoRAConv(AdapterLayer):
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, c1k, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(c0, rank, dtype=weight.dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.reset_factors()
+
+    def reset_factors(self, generator: torch.Generator | None = None) -> None:
+        """A Kaiming-uniform, B zero: the delta is zero."""
+        _reset_lora(self.lora_A, self.lora_B, generator)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha / r) B A`` reshaped to the base kernel's shape."""
         return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.base_layer.weight.shape)
 
-    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + conv_apply(self.base_layer, x, self.delta_weight())
 
-    def _merge_into_base(self, sign: float) -> None:
-        self.base_layer.weight.add_(sign * self.delta_weight())
+@torch.no_grad()
+def _reset_lora(lora_A: torch.Tensor, lora_B: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Kaiming-uniform A (gain for a = sqrt(5): bound 1 / sqrt(fan_in)), zero B."""
+    bound = 1.0 / math.sqrt(lora_A.shape[1])
+    lora_A.copy_(torch.rand(lora_A.shape, generator=generator) * 2 * bound - bound)
+    lora_B.zero_()
 
 
 class LoRA(AdapterSpec):
