@@ -37,11 +37,14 @@ def _tensor(x: torch.Tensor | float, name: str) -> torch.Tensor:
     return x.detach()
 
 
-def _check_finite(t: torch.Tensor, name: str, hint: str = "") -> None:
+def _check_finite(t: torch.Tensor, name: str, masked: bool | None = None) -> None:
+    """Raise naming ``t``; ``masked``: None (no mask possible), False (none given), True (given)."""
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf){hint}; clean the "
-                         f"input{' or pass mask= to exclude them' if hint else ''}")
+        fix = {None: "clean the input",
+               False: "clean the input or pass mask= (True = valid) to leave those elements out",
+               True: "at valid elements; fix the data or the mask"}[masked]
+        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf); {fix}")
 
 
 def _valid_elements(y: torch.Tensor, mask: torch.Tensor | None,
@@ -55,7 +58,7 @@ def _valid_elements(y: torch.Tensor, mask: torch.Tensor | None,
     for name, p in preds.items():
         p = _tensor(p, name)
         if name == "var":
-            if torch.broadcast_shapes(p.shape, y.shape) != y.shape if _broadcasts(p, y) else True:
+            if not _broadcasts_to(p, y):
                 raise ValueError(f"var shape {tuple(p.shape)} does not broadcast to the target "
                                  f"shape {tuple(y.shape)}")
             p = p.expand(y.shape)
@@ -72,15 +75,14 @@ def _valid_elements(y: torch.Tensor, mask: torch.Tensor | None,
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match target shape "
                              f"{tuple(y.shape)}")
         y, out = y[mask], [p[mask] for p in out]
-    hint = " among the valid elements" if mask is not None else " (pass mask= to exclude invalid elements)"
     if y.numel() == 0:
         raise ValueError("no valid element to evaluate: the target is empty or the mask is all False")
     y = y.reshape(-1).double()
-    _check_finite(y, "y", hint)
+    _check_finite(y, "y", mask is not None)
     flat = []
     for name, p in zip(preds, out):
         p = p.reshape(-1).double()
-        _check_finite(p, name, hint)
+        _check_finite(p, name, mask is not None)
         if name == "var" and (p <= 0).any():
             raise ValueError(f"var must be positive, got minimum {p.min().item():.3g}; pass a "
                              f"variance (sigma**2), not a log-variance")
@@ -88,12 +90,12 @@ def _valid_elements(y: torch.Tensor, mask: torch.Tensor | None,
     return (y, *flat)
 
 
-def _broadcasts(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _broadcasts_to(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` broadcasts to ``b``'s shape (without enlarging it)."""
     try:
-        torch.broadcast_shapes(a.shape, b.shape)
+        return torch.broadcast_shapes(a.shape, b.shape) == b.shape
     except RuntimeError:
         return False
-    return True
 
 
 def _classification_inputs(probs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +238,9 @@ class ReliabilityBins(NamedTuple):
     counts: torch.Tensor
 
 
-def _bin_sums(probs: torch.Tensor, y: torch.Tensor, n_bins: int):
-    """Edges, counts, summed confidences and summed correctness per bin, and N."""
+def _bin_sums(probs: torch.Tensor, y: torch.Tensor, n_bins: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Edges ``(n_bins + 1,)``; per bin counts, summed confidence, summed correctness; and N."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     probs, y = _classification_inputs(probs, y)
