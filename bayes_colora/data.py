@@ -74,6 +74,9 @@ def dataset_size(loader: Iterable) -> int:
     dataset = getattr(loader, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         n = len(dataset)
+    elif iter(loader) is loader:
+        raise ValueError("the loader is a one-shot iterator: counting its examples would use it up; "
+                         "pass a re-iterable loader (a DataLoader or a list of batches) or n_data=")
     else:
         n = sum(batch_size(split_batch(b, i)[0]) for i, b in enumerate(loader))
     if n == 0:

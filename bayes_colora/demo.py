@@ -3,7 +3,7 @@
 1. *Pretrain* an MLP on task A, ``y = sin(3x)``, x in [-2.5, 2.5] (built-in, no download).
 2. Task B is a related function observed at only 48 noisy points in two clusters, with a gap
    between them and nothing beyond them: a fine-tuned model must say where it does not know.
-3. Attach LoRA (rank 2) to every linear layer: the subspace theta has d = 290 parameters.
+3. Attach LoRA (rank 2) to every linear layer: the subspace theta has d = 516 parameters.
 4. Fit a posterior over theta with each engine (MAP, Laplace, SWAG, VI), predict on a dense grid,
    and write ``uncertainty.png`` (predictive bands), ``calibration.png`` (observed versus
    expected coverage) and ``metrics.md`` (RMSE, NLL, calibration error, 90 % coverage, fit time).

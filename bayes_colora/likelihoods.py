@@ -14,6 +14,7 @@ theta (it is not part of theta).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -22,11 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: likelihood classes by name, filled by subclassing; ``likelihood_from_config`` builds from it
+_KINDS: dict[str, type["Likelihood"]] = {}
+
+
 class Likelihood(nn.Module):
-    """Base class; subclasses implement ``log_prob``, ``moments`` and ``config``."""
+    """Base class; subclasses implement ``log_prob``, ``moments`` and ``config``.
+
+    Subclassing registers the class by name: ``config()`` returning ``{"kind": name, "module":
+    its module, **constructor arguments}`` lets :func:`likelihood_from_config` rebuild it (importing
+    the module first if it is a not yet imported ``bayes_colora`` module)."""
 
     #: "regression" or "classification"
     task = "regression"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _KINDS[cls.__name__] = cls
 
     def log_prob(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -63,7 +76,8 @@ class Gaussian(Likelihood):
     * ``Gaussian(sigma=0.1)``: fixed sigma (a float, or a tensor broadcastable to the output);
     * ``Gaussian(learn_sigma=True, sigma=...)``: one sigma, learned (stored as ``log sigma``);
     * ``Gaussian(heteroscedastic=True, dim=-1)``: the model outputs the mean and ``log sigma^2``
-      concatenated along ``dim`` (the first half is the mean).
+      concatenated along ``dim`` (the first half is the mean); ``dim`` is an axis of one batch
+      output ``(B, ...)``, so ``dim=1`` stays the channel axis when sample axes lead.
 
     ``log p(y) = -0.5 [(y - mu)^2 / sigma^2 + log sigma^2 + log 2 pi]``.
     """
@@ -88,16 +102,24 @@ class Gaussian(Likelihood):
     def sigma(self) -> torch.Tensor:
         """The homoscedastic noise scale (fixed or learned)."""
         if self.heteroscedastic:
-            raise AttributeError("a heteroscedastic Gaussian has no single sigma")
+            # not AttributeError: nn.Module.__getattr__ would replace this message with its own
+            raise ValueError("a heteroscedastic Gaussian has no single sigma; use split(out) for "
+                             "the per-element variance")
         return self.log_sigma.exp() if self.learn_sigma else self.fixed_sigma
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, variance) of ``y`` given the network output ``out``."""
+        """(mean, variance) of ``y`` given the network output ``out`` of one batch, ``(B, ...)``."""
+        return self._split(out, lead=0)
+
+    def _split(self, out: torch.Tensor, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`split` for ``out`` with ``lead`` sample axes before the batch axis (a
+        non-negative ``dim`` counts from the batch axis, so it is shifted by ``lead``)."""
         if self.heteroscedastic:
-            if out.shape[self.dim] % 2:
+            axis = self.dim + lead if self.dim >= 0 else self.dim
+            if out.shape[axis] % 2:
                 raise ValueError(f"a heteroscedastic Gaussian needs an even output size along dim "
                                  f"{self.dim} (mean and log-variance), got shape {tuple(out.shape)}")
-            mean, log_var = out.chunk(2, dim=self.dim)
+            mean, log_var = out.chunk(2, dim=axis)
             return mean, log_var.clamp(-30.0, 30.0).exp()
         return out, (self.sigma ** 2).to(out).expand_as(out)
 
@@ -105,12 +127,12 @@ class Gaussian(Likelihood):
         return self.split(out)[0]
 
     def log_prob(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        mean, var = self.split(out)
+        mean, var = self._split(out, lead=out.dim() - y.dim())
         elem = -0.5 * ((y - mean) ** 2 / var + var.log() + math.log(2 * math.pi))
         return _sum_per_example(elem, out.dim() - y.dim() + 1)
 
     def moments(self, outs: torch.Tensor) -> dict[str, torch.Tensor]:
-        means, variances = self.split(outs)
+        means, variances = self._split(outs, lead=1)
         mean = means.mean(0)
         epistemic = means.var(0, unbiased=False) if means.shape[0] > 1 else torch.zeros_like(mean)
         aleatoric = variances.mean(0)
@@ -180,4 +202,9 @@ def likelihood_from_config(config: dict[str, Any]) -> Likelihood:
     if kind == "Gaussian":
         sigma = config.pop("sigma")
         return Gaussian(sigma=1.0 if sigma is None else sigma, **config)
-    raise ValueError(f"unknown likelihood kind {kind!r}")
+    module = config.pop("module", None)
+    if kind not in _KINDS and isinstance(module, str) and module.startswith("bayes_colora."):
+        importlib.import_module(module)  # a task kit's likelihood registers itself on import
+    if kind in _KINDS:
+        return _KINDS[kind](**config)
+    raise ValueError(f"unknown likelihood kind {kind!r} (known: {sorted(_KINDS)})")

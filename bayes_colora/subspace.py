@@ -113,6 +113,7 @@ class Subspace(nn.Module):
 
     @theta.setter
     def theta(self, value: torch.Tensor) -> None:
+        self._check_not_merged("setting theta")
         self._check_theta(value, allow_batch=False)
         with torch.no_grad():
             for p, piece in zip(self._params(), self.unflatten(value).values()):
@@ -140,6 +141,11 @@ class Subspace(nn.Module):
             want = f"({self.dim},)" + (f" or (S, {self.dim})" if allow_batch else "")
             raise ValueError(f"theta has shape {got}, expected {want} for this subspace (d = {self.dim})")
 
+    def _check_not_merged(self, what: str) -> None:
+        if any(layer.merged for layer in self.adapter_layers().values()):
+            raise RuntimeError(f"{what} needs unmerged adapters: merged deltas live in the base "
+                               f"weights, where theta cannot reach them; call sub.unmerge() first")
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: Any, theta: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
@@ -155,6 +161,7 @@ class Subspace(nn.Module):
         """
         if theta is None:
             return self.output(call_model(self.model, x))
+        self._check_not_merged("sub(x, theta=...)")
         self._check_theta(theta, allow_batch=True)
         theta = theta.to(device=self.device)
         if theta.dim() == 1:

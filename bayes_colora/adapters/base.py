@@ -121,7 +121,7 @@ class AdapterSpec(ABC):
     def accepts(self, layer: nn.Module) -> str | None:
         """``None`` if this adapter can wrap ``layer``, else the reason it cannot."""
         if not isinstance(layer, self.supported) and not self._supports_by_name(layer):
-            kinds = ", ".join(t.__name__ for t in self.supported)
+            kinds = ", ".join(t.__name__.lstrip("_") for t in self.supported)
             return f"{type(layer).__name__} is not supported by {self.name} (supported: {kinds})"
         return None
 
@@ -154,7 +154,7 @@ class AdapterSpec(ABC):
                 rejected.append(f"{n}: {reason}")
         if not chosen:
             where = f"targets {self.targets}" if self.targets else "the model"
-            kinds = ", ".join(t.__name__ for t in self.supported)
+            kinds = ", ".join(t.__name__.lstrip("_") for t in self.supported)
             detail = "; ".join(rejected[:5]) if rejected else f"no module of a supported type ({kinds})"
             raise TypeError(f"{self.name}: nothing to adapt in {where}: {detail}. "
                             f"Choose targets that name supported layers.")

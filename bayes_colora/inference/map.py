@@ -26,7 +26,7 @@ def fit_map(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalPrior
             result (so ``fit_laplace`` can follow).
         loader: iterable of ``(x, y)`` batches (or dicts with ``labels``).
         lik, prior: likelihood and prior (``None``: maximum likelihood).
-        epochs, lr, weight_decay: AdamW settings.
+        epochs, lr, weight_decay: AdamW settings (weight decay on theta only).
         bf16: run the forward pass under bfloat16 autocast.
         progress: show a tqdm progress bar.
         n_data: data set size N; by default ``len(loader.dataset)`` or counted.
@@ -39,7 +39,8 @@ def fit_map(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalPrior
     n_data = n_data or dataset_size(loader)
     lik = lik.to(sub.device)
     theta = torch.nn.Parameter(sub.theta.clone())
-    optimizer = torch.optim.AdamW([theta, *lik.parameters()], lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([{"params": [theta], "weight_decay": weight_decay},
+                                   {"params": list(lik.parameters()), "weight_decay": 0.0}], lr=lr)
     state = resume_state(checkpoint)
     start, history = 0, []
     if state is not None:
