@@ -19,6 +19,7 @@ from .predictive import Predictive, predict
 from .priors import NormalPrior
 from .subspace import Subspace
 from . import metrics, plots
+from . import depth
 
 __version__ = "0.1.0"
 

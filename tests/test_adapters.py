@@ -209,3 +209,15 @@ def test_load_adapters_into_a_different_subspace_fails_clearly(tmp_path):
         bc.Subspace.from_model(_cnn(), bc.LoRA(rank=3)).load_adapters(path)
     with pytest.raises(ValueError, match=r"does not fit this subspace: missing .*bias_delta.*unexpected .*lora_A"):
         bc.Subspace.from_model(_cnn(), bc.BitFit()).load_adapters(path)
+
+
+def test_adapter_layers_expose_the_base_layers_attributes():
+    """Model code that inspects a layer (Dinov2 reads ``projection.weight.dtype``) keeps working."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    sub = bc.Subspace.from_model(model, [bc.BitFit(), bc.LoRA(rank=2)])
+    wrapped = sub.model[0]
+    assert wrapped.weight is wrapped.base_layer.weight
+    assert wrapped.out_channels == 4 and wrapped.kernel_size == (3, 3)
+    with pytest.raises(AttributeError):
+        wrapped.no_such_attribute

@@ -34,6 +34,16 @@ class AdapterLayer(nn.Module, ABC):
         self.base = base
         self.merged = False
 
+    def __getattr__(self, name: str):
+        """Attributes the adapter lacks (``weight``, ``in_features``, ...) come from the original
+        layer (not from stacked adapters in between), so code that inspects a layer (e.g. ``projection.weight.dtype``) still works."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base_layer, name)
+
     @property
     def base_layer(self) -> nn.Module:
         """The original (innermost) layer, below any stacked adapters."""
