@@ -67,6 +67,14 @@ def engines(quick: bool, progress: bool) -> dict[str, Engine]:
     steps = 300 if quick else 1500
     return {
         "MAP": lambda sub, loader, lik, prior: bc.DiracPosterior(sub.theta, likelihood=lik),
+        "Laplace": lambda sub, loader, lik, prior: bc.fit_laplace(
+            sub, loader, lik, prior=prior, hessian="full", tune_prior="marglik", progress=progress),
+        "SWAG": lambda sub, loader, lik, prior: bc.fit_swag(
+            sub, loader, lik, prior=prior, epochs=20 if quick else 60, lr=2e-3, rank=20,
+            progress=progress),
+        "VI": lambda sub, loader, lik, prior: bc.fit_vi(
+            sub, loader, lik, prior=prior, guide="lowrank", rank=10, steps=steps, lr=1e-2,
+            num_particles=8, progress=progress),
     }
 
 

@@ -224,3 +224,77 @@ class LowRankGaussianPosterior(Posterior):
         e1 = standard_normal((n, d), self.loc, generator)
         e2 = standard_normal((n, k), self.loc, generator)
         return self.loc + self.diag_var.clamp_min(0).sqrt() * e1 + e2 @ self.factor.mT
+
+
+class LowRankPrecisionGaussianPosterior(Posterior):
+    r"""``N(mu, Sigma)`` with a low-rank-plus-prior *precision*
+    ``P = S^{-1} (I + U diag(lam) U^T) S^{-1}``: ``S = diag(prior_std)`` (``(d,)``), ``U`` of
+    shape ``(d, K)`` with orthonormal columns (``eigvecs``), ``lam >= 0`` of shape ``(K,)``
+    (``eigvals``) the top eigenvalues of the prior-whitened curvature ``S G S`` (Laplace's form).
+
+    By Woodbury ``Sigma = S (I - U diag(lam / (1 + lam)) U^T) S``; a draw is
+    ``mu + S (z + U diag(1 / sqrt(1 + lam) - 1) U^T z)`` with ``z ~ N(0, I_d)``.
+    """
+
+    state_keys = ("loc", "prior_std", "eigvecs", "eigvals")
+
+    def __init__(self, loc: torch.Tensor, prior_std: torch.Tensor, eigvecs: torch.Tensor,
+                 eigvals: torch.Tensor, likelihood: Likelihood | None = None,
+                 history: list[dict[str, float]] | None = None):
+        self.loc, self.prior_std, self.eigvecs, self.eigvals = (
+            t.detach().clone() for t in (loc, prior_std.expand_as(loc), eigvecs, eigvals))
+        self._finish(likelihood, history)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        u = self.eigvecs * (self.eigvals / (1 + self.eigvals)).sqrt()
+        inner = torch.eye(self.loc.shape[0], dtype=self.loc.dtype, device=self.loc.device) - u @ u.mT
+        return self.prior_std[:, None] * inner * self.prior_std[None, :]
+
+    @property
+    def variance(self) -> torch.Tensor:
+        shrink = (self.eigvecs ** 2) @ (self.eigvals / (1 + self.eigvals))
+        return self.prior_std ** 2 * (1 - shrink)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = standard_normal((n, self.loc.shape[0]), self.loc, generator)
+        z = z + ((z @ self.eigvecs) * ((1 + self.eigvals).rsqrt() - 1)) @ self.eigvecs.mT
+        return self.loc + self.prior_std * z
+
+
+class SamplePosterior(Posterior):
+    r"""An empirical posterior: ``M`` samples ``(M, d)`` (e.g. from MCMC). ``sample(n)`` draws
+    ``n`` of them uniformly with replacement; ``mean`` and ``covariance`` are the sample mean and
+    the unbiased sample covariance. ``r_hat`` and ``ess`` hold the sampler's convergence
+    diagnostics where it gave any (otherwise ``None``)."""
+
+    state_keys = ("samples", "r_hat", "ess")
+
+    def __init__(self, samples: torch.Tensor, r_hat: torch.Tensor | None = None,
+                 ess: torch.Tensor | None = None, likelihood: Likelihood | None = None,
+                 history: list[dict[str, float]] | None = None):
+        if samples.dim() != 2 or samples.shape[0] < 1:
+            raise ValueError(f"samples must have shape (M, d) with M >= 1, got {tuple(samples.shape)}")
+        self.samples = samples.detach().clone()
+        self.r_hat = None if r_hat is None else r_hat.detach().clone()
+        self.ess = None if ess is None else ess.detach().clone()
+        self._finish(likelihood, history)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.samples.mean(0)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        if self.samples.shape[0] < 2:
+            return torch.zeros(self.dim, self.dim, dtype=self.samples.dtype, device=self.samples.device)
+        return torch.cov(self.samples.mT)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else self.samples.device
+        idx = torch.randint(self.samples.shape[0], (n,), generator=generator, device=device)
+        return self.samples[idx.to(self.samples.device)]

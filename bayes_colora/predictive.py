@@ -14,6 +14,7 @@ import torch
 
 from .data import to_device
 from .likelihoods import Likelihood
+from .linearized import linearized_outputs
 from .posterior import Posterior
 from .subspace import Subspace
 
@@ -50,7 +51,8 @@ class Predictive:
 @torch.no_grad()
 def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
             likelihood: Likelihood | None = None, generator: torch.Generator | None = None,
-            chunk_size: int | None = None, keep_outputs: bool = False) -> Predictive:
+            chunk_size: int | None = None, keep_outputs: bool = False,
+            linearized: bool = False) -> Predictive:
     """Predictive moments of ``y`` at inputs ``x`` under posterior ``post``.
 
     Args:
@@ -62,6 +64,9 @@ def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
         generator: for reproducible samples.
         chunk_size: evaluate at most this many samples at once (memory).
         keep_outputs: keep the ``(S, B, ...)`` raw outputs in ``Predictive.outputs``.
+        linearized: evaluate the linearised (GLM) model ``f(x; mean) + J (theta_s - mean)`` at
+            each sample, by Jacobian-vector products (see :mod:`.linearized`); the natural
+            predictive for a Laplace posterior.
     """
     lik = likelihood or post.likelihood
     if lik is None:
@@ -74,6 +79,10 @@ def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
     lik = lik.to(sub.device)
     x = to_device(x, sub.device)
     thetas = post.mean[None] if post.is_point_mass else post.sample(n_samples, generator=generator)
-    outs = sub(x, theta=thetas.to(sub.device, sub.dtype), chunk_size=chunk_size).float()
+    thetas = thetas.to(sub.device, sub.dtype)
+    if linearized and not post.is_point_mass:
+        outs = linearized_outputs(sub, post.mean.to(thetas), thetas, x, chunk_size).float()
+    else:
+        outs = sub(x, theta=thetas, chunk_size=chunk_size).float()
     moments = lik.moments(outs)
     return Predictive(**moments, outputs=outs if keep_outputs else None)
