@@ -205,7 +205,7 @@ def test_dense_output_ggn_matches_brute_force_jacobians():
     assert ((est - ggn.diagonal()).abs() < 5 * var.sqrt()).all()
 
 
-def test_heteroscedastic_uses_the_mean_part_with_precision_one_over_var():
+def test_heteroscedastic_uses_the_gaussian_fisher_for_mean_and_log_variance():
     sub = conv_subspace()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
@@ -215,8 +215,9 @@ def test_heteroscedastic_uses_the_mean_part_with_precision_one_over_var():
     loader = DataLoader(TensorDataset(x, y), batch_size=2)
     jac = jacrev(lambda t: sub(x, theta=t))(sub.theta)  # (2, 1, 8, 8, d)
     var = lik.split(sub(x))[1]
-    jm = jac[..., :4, :]
-    ggn = torch.einsum("...d,...,...e->de", jm, 1 / var, jm)
+    jm, jv = jac[..., :4, :], jac[..., 4:, :]
+    # Fisher of N(mu, exp(eta)) in (mu, eta): diag(1 / var, 1 / 2)
+    ggn = torch.einsum("...d,...,...e->de", jm, 1 / var, jm) + 0.5 * torch.einsum("...d,...e->de", jv, jv)
     post = bc.fit_laplace(sub, loader, lik, PRIOR, hessian="full", progress=False)
     torch.testing.assert_close(torch.linalg.inv(post.covariance), ggn + 4 * torch.eye(sub.dim, dtype=torch.float64),
                                rtol=1e-7, atol=1e-9)

@@ -6,8 +6,10 @@ vector of ``n = B x outputs`` entries) and Jacobian ``J = df / dtheta`` (``n x d
 .. math::  G = J^T \Lambda J, \qquad \Lambda = -\frac{\partial^2 \log p(y \mid f)}{\partial f^2},
 
 summed over batches. ``Lambda`` is block-diagonal per example: ``1 / sigma^2`` per element for a
-Gaussian; for a heteroscedastic Gaussian the mean half gets ``1 / var`` and the log-variance half
-``0`` (the mean-part GGN); for a Categorical ``diag(p) - p p^T`` over the class axis (axis 1).
+Gaussian; for a heteroscedastic Gaussian with outputs ``(mu, eta = log var)`` the Fisher
+``diag(1 / var, 1 / 2)`` (the expected Hessian, PSD; without the ``1 / 2`` block the log-variance
+head would be constrained by the prior alone and its predictive variance would explode); for a
+Categorical ``diag(p) - p p^T`` over the class axis (axis 1).
 
 ``J`` is never formed. One batch is *linearised* once (``torch.func.vjp`` keeps its graph), and
 then, for a chunk of ``c`` tangent vectors ``V`` (``c x d``):
@@ -49,7 +51,7 @@ def output_precision(lik: Likelihood, out: torch.Tensor, y: torch.Tensor, v: tor
     if isinstance(lik, Gaussian):
         if lik.heteroscedastic:
             v_mean, v_logvar = v.chunk(2, dim=lik.dim)
-            return torch.cat([v_mean / lik.split(out)[1], torch.zeros_like(v_logvar)], dim=lik.dim)
+            return torch.cat([v_mean / lik.split(out)[1], 0.5 * v_logvar], dim=lik.dim)
         return v / (lik.sigma ** 2).to(v)
     neg_grad = grad(lambda o: -lik.log_prob(o, y).sum())
     return jvp(neg_grad, (out,), (v,))[1]
@@ -65,7 +67,7 @@ def output_precision_sqrt(lik: Likelihood, out: torch.Tensor, z: torch.Tensor) -
     if isinstance(lik, Gaussian):
         if lik.heteroscedastic:
             z_mean, z_logvar = z.chunk(2, dim=lik.dim)
-            return torch.cat([z_mean / lik.split(out)[1].sqrt(), torch.zeros_like(z_logvar)], dim=lik.dim)
+            return torch.cat([z_mean / lik.split(out)[1].sqrt(), z_logvar / 2 ** 0.5], dim=lik.dim)
         return z / lik.sigma.to(z)
     raise TypeError(f"diag_probes needs a square root of the output Hessian, known for bc.Gaussian "
                     f"and bc.Categorical, not {type(lik).__name__}; use diag_probes=None (exact diagonal)")

@@ -111,7 +111,7 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
         vals, vecs = top_eigen(matmul, theta.shape[0], rank, theta, generator=generator)
         curv = _LowRankCurvature(vals, vecs, log_lik[-1], white, tuned)
 
-    record: dict[str, float] = {"log_lik": float(curv.log_lik)}
+    record: dict[str, float] = {"log_lik": float(curv.log_lik.detach())}
     if tune_prior == "marglik":
         prec, record["log_marglik"] = _tune_marglik(curv, theta)
     elif tune_prior == "gridsearch":
@@ -311,7 +311,7 @@ def _laplace_torch_curvature(sub: Subspace, loader: Iterable, lik: Likelihood, h
         raise ValueError("the loader is empty: it yields no batch; check the dataset and batch size")
     la = Laplace(_FlatOutputs(sub), "classification" if classify else "regression",
                  subset_of_weights="all", hessian_structure=hessian, prior_precision=1.0,
-                 sigma_noise=1.0 if classify else float(lik.sigma))
+                 sigma_noise=1.0 if classify else lik.sigma.item())
     la.fit(data, progress_bar=progress)
     if hessian == "full":  # G = P - I for unit prior precision
         eye = torch.eye(sub.dim, dtype=la.posterior_precision.dtype)
