@@ -8,7 +8,7 @@
    and write ``uncertainty.png`` (predictive bands), ``calibration.png`` (observed versus
    expected coverage) and ``metrics.md`` (RMSE, NLL, calibration error, 90 % coverage, fit time).
 
-Run: ``python -m bayes_colora.demo --out runs/demo`` (about a minute on a laptop CPU).
+Run: ``python -m bayes_colora.demo --out runs/demo`` (under a minute on a 2-core CPU).
 """
 from __future__ import annotations
 

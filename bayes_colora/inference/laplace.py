@@ -211,7 +211,7 @@ def _tune_marglik(curv: Any, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
             hi = mid
     delta = math.exp(0.5 * (lo + hi))
     d = lam.shape[0]
-    log_marglik = (float(curv.log_lik) - 0.5 * delta * sq + 0.5 * d * math.log(delta)
+    log_marglik = (float(curv.log_lik.detach()) - 0.5 * delta * sq + 0.5 * d * math.log(delta)
                    - 0.5 * float(torch.log(lam + delta).sum()))
     return torch.tensor(delta, dtype=theta.dtype, device=theta.device), log_marglik
 
