@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m bayes_colora.demo --out runs/demo
+	$(VENV)/bin/python -m bayes_colora.depth.demo --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

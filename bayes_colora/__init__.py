@@ -5,6 +5,7 @@
 >>> post = bc.fit_map(sub, loader, bc.Gaussian(sigma=0.1), prior=bc.NormalPrior(1.0))
 >>> pred = bc.predict(sub, post, x, n_samples=32)   # .mean, .aleatoric, .epistemic, .total
 """
+from .adapters.collaborative import CollaborativeLoRA
 from .adapters import AdapterLayer, AdapterSpec, BitFit, ConvCoLoRA, DiffFit, LoRA, TuckerCoLoRA
 from .inference import fit_map
 from .inference import fit_laplace
@@ -20,14 +21,21 @@ from .priors import NormalPrior
 from .subspace import Subspace
 from . import metrics, plots
 from . import depth
+from .adapters.continuous import ContinuousLoRA; from . import pde  # noqa: E702
+from . import classification
+from .adapters.contribution import ContributionLoRA
+from .contribution import contribution_scores
+from . import restoration
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLayer", "AdapterSpec", "BitFit", "Categorical", "ConvCoLoRA", "DiagGaussianPosterior", "DiffFit",
+    "AdapterLayer", "AdapterSpec", "BitFit", "Categorical", "CollaborativeLoRA", "ConvCoLoRA", "DiagGaussianPosterior", "DiffFit",
     "DiracPosterior", "GaussianPosterior", "LowRankGaussianPosterior",
     "Gaussian", "Likelihood", "LoRA", "NormalPrior", "Posterior", "Predictive", "Subspace", "TuckerCoLoRA",
     "fit_map", "load_posterior", "predict",
     "fit_laplace", "output_covariance", "LowRankPrecisionGaussianPosterior",
     "SamplePosterior", "fit_nuts", "fit_swag", "fit_vi", "pca_basis", "random_basis",
+    "ContinuousLoRA",
+    "ContributionLoRA", "contribution_scores",
 ]

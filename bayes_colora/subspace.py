@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextvars import ContextVar
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,18 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .adapters.base import AdapterLayer, AdapterSpec
+
+#: Per-example side inputs that travel with a batch but are no model argument: the task id of
+#: each example (``sub(x, task=ids)`` or a ``"task"`` entry of a dict ``x``). The subspace takes
+#: them out of ``x`` and holds them here for the duration of one forward call, so engines (which
+#: call ``sub(x, theta=...)`` with the batch's ``x``) pass them unchanged, also under ``vmap``;
+#: modules read them with :func:`current_task` (``bc.CollaborativeLoRA`` does).
+_TASK: ContextVar[torch.Tensor | None] = ContextVar("bayes_colora_task", default=None)
+
+
+def current_task() -> torch.Tensor | None:
+    """The task ids ``(B,)`` (integer) of the batch in the running ``Subspace`` call, or ``None``."""
+    return _TASK.get()
 
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -148,17 +161,37 @@ class Subspace(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Any, theta: torch.Tensor | None = None,
-                chunk_size: int | None = None) -> torch.Tensor:
+                chunk_size: int | None = None, task: torch.Tensor | None = None) -> torch.Tensor:
         """``f(x; theta)``.
 
         Args:
-            x: a tensor, a dict of tensors (passed as keyword arguments) or a tuple.
+            x: a tensor, a dict of tensors (passed as keyword arguments) or a tuple. A dict's
+                ``"task"`` entry is taken out and treated as ``task``.
             theta: ``None`` (current parameters), shape ``(d,)``, or ``(S, d)``.
             chunk_size: with ``(S, d)``, evaluate at most this many samples at once (memory).
+            task: integer task id of each example, ``(B,)``, visible to the adapters through
+                :func:`current_task` during this call (multi-task adapters need it).
 
         Returns:
             the prediction tensor; with ``theta`` of shape ``(S, d)`` it has a leading ``S`` axis.
         """
+        if isinstance(x, Mapping) and "task" in x:
+            if task is not None:
+                raise ValueError("the task ids were given twice: as task= and as x['task']; give one")
+            task = x["task"]
+            x = {k: v for k, v in x.items() if k != "task"}
+        if task is None:
+            return self._forward(x, theta, chunk_size)
+        if not isinstance(task, torch.Tensor) or task.dim() != 1 or task.is_floating_point():
+            got = tuple(task.shape) if isinstance(task, torch.Tensor) else type(task).__name__
+            raise ValueError(f"task ids must be a 1-D integer tensor (one id per example), got {got}")
+        token = _TASK.set(task.to(self.device))
+        try:
+            return self._forward(x, theta, chunk_size)
+        finally:
+            _TASK.reset(token)
+
+    def _forward(self, x: Any, theta: torch.Tensor | None, chunk_size: int | None) -> torch.Tensor:
         if theta is None:
             return self.output(call_model(self.model, x))
         self._check_not_merged("sub(x, theta=...)")

@@ -148,6 +148,32 @@ class DepthLikelihood(Likelihood):
         elem = torch.where(valid, elem, torch.zeros_like(elem))
         return elem.reshape(*elem.shape[:-3], -1).sum(-1)
 
+    def fisher_diag(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r"""The Fisher information per output element, the GGN's ``Lambda`` (diagonal here):
+        shape ``out.shape``, zero at invalid pixels.
+
+        For the location ``mu``: ``1 / v`` (Gaussian) and ``1 / b^2 = 2 / v`` (Laplace; its
+        log-density has zero curvature almost everywhere, so the Fisher, not the Hessian, is the
+        useful curvature). For the log-variance channel ``s = log v``: ``1 / 2`` (Gaussian) and
+        ``1 / 4`` (Laplace: ``d log p / ds = (|e| / b - 1) / 2`` with ``|e| / b ~ Exp(1)``, of
+        variance 1). The cross terms vanish by symmetry. In log space the same holds for ``log y``.
+        """
+        valid = self.valid(y).to(out.dtype)
+        mu, var = self.split(out.detach())
+        location = (2.0 if self.dist == "laplace" else 1.0) / var * valid
+        if not self.heteroscedastic:
+            return location
+        scale = (0.25 if self.dist == "laplace" else 0.5) * valid
+        return torch.cat([location, scale.expand_as(location)], dim=-3)
+
+    def output_precision(self, out: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``Lambda v`` with the Fisher :meth:`fisher_diag` (used by ``bc.fit_laplace``)."""
+        return self.fisher_diag(out, y) * v
+
+    def output_precision_sqrt(self, out: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``Lambda^{1/2} z`` (``Lambda`` is diagonal), for the Monte-Carlo GGN diagonal."""
+        return self.fisher_diag(out, y).sqrt() * z
+
     def depth_moments(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Depth-space mean and variance given one output ``(..., C, H, W)``, ``(..., 1, H, W)``
         each (the log-normal moments in log space, for both families; see the module notes)."""

@@ -38,7 +38,7 @@ class DepthPrediction:
 
 def predict_depth(sub: Subspace, post: Posterior, images: torch.Tensor, n_samples: int = 32,
                   generator: torch.Generator | None = None, chunk_size: int | None = None,
-                  likelihood: Likelihood | None = None) -> DepthPrediction:
+                  likelihood: Likelihood | None = None, linearized: bool = False) -> DepthPrediction:
     """Predictive depth mean and aleatoric / epistemic / total standard deviation per pixel.
 
     Args:
@@ -56,7 +56,7 @@ def predict_depth(sub: Subspace, post: Posterior, images: torch.Tensor, n_sample
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"predict_depth expects images of shape (B, 3, H, W), got {got}")
     pred = predict(sub, post, images, n_samples=n_samples, likelihood=likelihood,
-                   generator=generator, chunk_size=chunk_size)
+                   generator=generator, chunk_size=chunk_size, linearized=linearized)
     want = (images.shape[0], 1, *images.shape[-2:])
     if tuple(pred.mean.shape) != want:
         raise ValueError(f"the predictive mean has shape {tuple(pred.mean.shape)}, expected a depth "

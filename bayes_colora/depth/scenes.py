@@ -129,3 +129,19 @@ def procedural_scenes(n: int, height: int = 96, width: int = 128, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     images, depths = zip(*(render_scene(height, width, generator) for _ in range(n)))
     return TensorDataset(torch.stack(images), torch.stack(depths))
+
+
+def shifted_scenes(n: int, height: int = 96, width: int = 128, seed: int = 1,
+                   depth_scale: float = 1.5, gamma: float = 0.6, tint: tuple[float, float, float] = (1.0, 0.85, 0.7)
+                   ) -> TensorDataset:
+    r"""A *target domain* for adaptation: :func:`procedural_scenes` seen by another camera.
+
+    Depths are scaled, ``y' = depth_scale * y`` (larger rooms, the same images would be
+    ambiguous otherwise: the scale is a property of the whole domain), and colours change as
+    ``x' = tint * x ** gamma`` (another sensor's response). Shapes as :func:`procedural_scenes`.
+    """
+    if depth_scale <= 0 or gamma <= 0:
+        raise ValueError(f"depth_scale and gamma must be positive, got {depth_scale}, {gamma}")
+    images, depths = procedural_scenes(n, height, width, seed).tensors
+    images = (torch.tensor(tint).view(1, 3, 1, 1) * images.clamp_min(0) ** gamma).clamp(0, 1)
+    return TensorDataset(images, depths * depth_scale)

@@ -57,9 +57,12 @@ def output_precision(lik: Likelihood, out: torch.Tensor, y: torch.Tensor, v: tor
     return jvp(neg_grad, (out,), (v,))[1]
 
 
-def output_precision_sqrt(lik: Likelihood, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def output_precision_sqrt(lik: Likelihood, out: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     r"""``L z`` with ``L L^T = Lambda(out)``: for a Categorical ``L = diag(sqrt p) - p sqrt(p)^T``
-    (``L L^T = diag(p) - p p^T`` because ``sum p = 1``); for a Gaussian ``1 / sigma``."""
+    (``L L^T = diag(p) - p p^T`` because ``sum p = 1``); for a Gaussian ``1 / sigma``; a likelihood
+    may define its own ``output_precision_sqrt(out, y, z)``."""
+    if hasattr(lik, "output_precision_sqrt"):
+        return lik.output_precision_sqrt(out, y, z)
     if isinstance(lik, Categorical):
         p = out.softmax(dim=1)
         sp = p.sqrt()
@@ -133,6 +136,13 @@ def ggn_full(sub: Subspace, loader: Iterable, lik: Likelihood, theta: torch.Tens
     return 0.5 * (g + g.mT), log_lik
 
 
+def _unit_rows(s: slice, d: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows ``s`` of the ``d x d`` identity, without forming the identity."""
+    rows = torch.zeros(s.stop - s.start, d, dtype=like.dtype, device=like.device)
+    rows[torch.arange(rows.shape[0]), torch.arange(s.start, s.stop)] = 1.0
+    return rows
+
+
 def ggn_diag(sub: Subspace, loader: Iterable, lik: Likelihood, theta: torch.Tensor,
              chunk_size: int = 64, progress: bool = False, probes: int | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,15 +156,14 @@ def ggn_diag(sub: Subspace, loader: Iterable, lik: Likelihood, theta: torch.Tens
     d = theta.shape[0]
     diag = torch.zeros(d, dtype=theta.dtype, device=theta.device)
     log_lik = torch.zeros((), dtype=torch.float64, device=theta.device)
-    eye = torch.eye(d, dtype=theta.dtype, device=theta.device)
     for lin, y, ll in _passes(sub, loader, lik, theta, "GGN diagonal", progress):
         if probes is None:
             lam = vmap(lambda u: output_precision(lik, lin.out, y, u))
             for s in _chunks(d, chunk_size):
-                jv = lin.jvp(eye[s])
+                jv = lin.jvp(_unit_rows(s, d, theta))
                 diag[s] += (jv * lam(jv)).reshape(jv.shape[0], -1).sum(1).detach()
         else:
-            sqrt_lam = vmap(lambda z: output_precision_sqrt(lik, lin.out, z))
+            sqrt_lam = vmap(lambda z: output_precision_sqrt(lik, lin.out, y, z))
             for s in _chunks(probes, chunk_size):
                 n = s.stop - s.start
                 z = torch.randint(0, 2, (n, *lin.out.shape), generator=generator,

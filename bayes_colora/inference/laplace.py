@@ -222,7 +222,8 @@ def _tune_grid(sub: Subspace, curv: Any, theta: torch.Tensor, val_loader: Iterab
     """The grid precision with the lowest validation NLL of the linearised predictive."""
     from ..predictive import predict
 
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator)) if generator is not None else 0
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device)) \
+        if generator is not None else 0
     best, best_nll = None, math.inf
     for delta in grid:
         prec = torch.tensor(float(delta), dtype=theta.dtype, device=theta.device)

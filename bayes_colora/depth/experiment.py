@@ -1,0 +1,267 @@
+r"""The depth-uncertainty experiment, one piece at a time: pretrain a depth network on a source
+domain, attach an adapter to its decoder, fit a posterior on the target domain with one engine,
+and evaluate the predictive on held-out target images.
+
+The pieces are shared by ``studies/depth_uncertainty.py`` (the adapters x engines grid on
+7-Scenes) and ``python -m bayes_colora.depth.demo`` (one cell on the built-in scenes).
+
+Every engine starts from the same MAP estimate of the adapter, ``theta_MAP``:
+
+* ``"map"``: the Dirac posterior at ``theta_MAP`` (its uncertainty is the aleatoric map only);
+* ``"laplace"``: ``N(theta_MAP, (diag G + delta)^{-1})`` with the Fisher GGN diagonal estimated
+  from ``laplace_probes`` Rademacher probes per batch (cost: that many VJPs per batch, whatever
+  ``d``), ``delta`` chosen on the validation images by grid search; linearised predictive;
+* ``"swag"``: SWAG from ``theta_MAP`` with Adam at a constant learning rate, one snapshot per epoch;
+* ``"vi"``: a mean-field Gaussian (Pyro ``AutoNormal``) initialised at ``theta_MAP``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..adapters import AdapterSpec, BitFit, ConvCoLoRA, DiffFit, LoRA, TuckerCoLoRA
+from ..inference import fit_laplace, fit_map, fit_swag, fit_vi
+from ..posterior import Posterior
+from ..predictive import Predictive
+from ..priors import NormalPrior
+from ..subspace import Subspace
+from .likelihoods import DepthLikelihood
+from .metrics import evaluate_depth
+from .models import DECODER_TARGETS
+from .predict import DepthPrediction, predict_depth
+
+#: the adapters of the grid, each on every layer of the decoder
+ADAPTERS: dict[str, Callable[[], AdapterSpec]] = {
+    "bitfit": lambda: BitFit(targets=DECODER_TARGETS),
+    "difffit": lambda: DiffFit(targets=DECODER_TARGETS),
+    "lora": lambda: LoRA(rank=4, targets=DECODER_TARGETS),
+    "convcolora": lambda: ConvCoLoRA(targets=DECODER_TARGETS),
+    "tuckercolora": lambda: TuckerCoLoRA(ranks=(4, 4), targets=DECODER_TARGETS),
+}
+ENGINES: tuple[str, ...] = ("map", "laplace", "swag", "vi")
+#: ImageNet channel statistics; images are normalised with them before the encoder
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class EngineSettings:
+    """Budgets and step sizes of the four engines (``epochs`` are passes over the target set)."""
+
+    map_epochs: int = 10
+    map_lr: float = 1e-3
+    prior_scale: float = 1.0
+    laplace_probes: int = 16
+    laplace_grid: tuple[float, ...] = tuple(10.0 ** e for e in range(-2, 7))
+    swag_epochs: int = 10
+    swag_lr: float = 2e-4
+    swag_rank: int = 10
+    vi_steps: int = 300
+    vi_lr: float = 1e-3
+    vi_particles: int = 4
+    n_samples: int = 32
+    batch_size: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Normalised(Dataset):
+    """``(image, depth)`` pairs of ``base`` with the image normalised by the ImageNet statistics,
+    ``(x - mean) / std`` per channel (the raw image stays available as ``base[i][0]``)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, depth = self.base[i]
+        return (image - self.mean) / self.std, depth
+
+
+def pretrain_depth(model: nn.Module, data: Dataset, lik: DepthLikelihood, epochs: int,
+                   lr: float = 1e-3, train: str = "decoder", batch_size: int = 8,
+                   device: str | torch.device = "cpu", seed: int = 0, progress: bool = True
+                   ) -> list[float]:
+    r"""Train ``model`` on a source domain by minimising the mean per-pixel negative
+    log-likelihood ``-sum log p(y | f(x)) / #valid`` with AdamW and cosine decay.
+
+    Args:
+        model: a :class:`~bayes_colora.depth.models.DepthNet` (``encoder`` + ``decoder``).
+        data: ``(image, depth)`` pairs.
+        lik: the per-pixel likelihood (its channels must match the model's output).
+        epochs: passes over ``data``.
+        train: ``"decoder"`` (the encoder stays frozen, e.g. ImageNet weights) or ``"all"``.
+        device: where to train; the model is left there, in eval mode.
+
+    Returns the mean loss of each epoch.
+    """
+    if train not in ("decoder", "all"):
+        raise ValueError(f"train must be 'decoder' or 'all', got {train!r}")
+    model.to(device).train()
+    params = list((model.decoder if train == "decoder" else model).parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
+    lik = lik.to(device)
+    losses = []
+    for _ in tqdm(range(epochs), desc="pretrain", disable=not progress):
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            valid = lik.valid(y).sum().clamp_min(1)
+            loss = -lik.log_prob(model(x), y).sum() / valid
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            sched.step()
+            total, count = total + float(loss.detach()), count + 1
+        if not math.isfinite(total):
+            raise FloatingPointError("pretraining diverged (non-finite loss); lower lr")
+        losses.append(total / max(count, 1))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+def fit_engine(engine: str, sub: Subspace, train: Dataset, val: Dataset, lik: DepthLikelihood,
+               settings: EngineSettings, theta_map: torch.Tensor, progress: bool = True,
+               seed: int = 0) -> Posterior:
+    """Fit one engine's posterior over ``sub``'s theta, starting from ``theta_map`` (module notes).
+
+    ``engine="map"`` returns the Dirac posterior at ``theta_map`` without further training.
+    ``sub.theta`` is left at ``theta_map``.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    from ..posterior import DiracPosterior
+
+    prior = NormalPrior(settings.prior_scale)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=settings.batch_size, shuffle=True, generator=gen)
+    sub.theta = theta_map
+    if engine == "map":
+        post: Posterior = DiracPosterior(theta_map.clone(), likelihood=lik)
+    elif engine == "laplace":
+        ordered = DataLoader(train, batch_size=settings.batch_size)
+        val_loader = DataLoader(val, batch_size=settings.batch_size)
+        post = fit_laplace(sub, ordered, lik, prior, hessian="diag", diag_probes=settings.laplace_probes,
+                           tune_prior="gridsearch", val_loader=val_loader, prior_grid=settings.laplace_grid,
+                           n_samples=8, progress=progress, chunk_size=settings.laplace_probes,
+                           generator=torch.Generator(device=sub.device).manual_seed(seed))
+    elif engine == "swag":
+        post = fit_swag(sub, loader, lik, prior, epochs=settings.swag_epochs, lr=settings.swag_lr,
+                        rank=settings.swag_rank, optimizer="adam", progress=progress)
+    else:
+        post = fit_vi(sub, loader, lik, prior, guide="diag", steps=settings.vi_steps, lr=settings.vi_lr,
+                      num_particles=settings.vi_particles, progress=progress)
+    sub.theta = theta_map
+    return post
+
+
+@dataclass
+class DepthEvaluation:
+    """Metrics over a test set and the stacked predictive maps ``(N, 1, H, W)``."""
+
+    metrics: dict[str, float]
+    prediction: DepthPrediction
+    depth: torch.Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def _predict_batches(sub: Subspace, post: Posterior, data: Dataset, lik: DepthLikelihood,
+                     n_samples: int, batch_size: int, linearized: bool, seed: int
+                     ) -> tuple[DepthPrediction, torch.Tensor]:
+    parts, depths = [], []
+    gen = torch.Generator(device=sub.device).manual_seed(seed)
+    for x, y in DataLoader(data, batch_size=batch_size):
+        pred = predict_depth(sub, post, x.to(sub.device), n_samples, generator=gen, likelihood=lik,
+                             linearized=linearized)
+        parts.append(pred.to("cpu"))
+        depths.append(y)
+    cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in ("mean", "aleatoric_std",
+                                                                   "epistemic_std", "total_std")}
+    return DepthPrediction(**cat), torch.cat(depths)
+
+
+def evaluate_engine(sub: Subspace, post: Posterior, test: Dataset, lik: DepthLikelihood,
+                    engine: str, n_samples: int = 32, batch_size: int = 8, seed: int = 0,
+                    max_depth: float | None = None) -> DepthEvaluation:
+    """Predict every test image with ``n_samples`` posterior samples (linearised for Laplace)
+    and compute :func:`~bayes_colora.depth.metrics.evaluate_depth` on all of them."""
+    if sub.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode(engine != "laplace"):
+        pred, depth = _predict_batches(sub, post, test, lik, n_samples, batch_size,
+                                       linearized=engine == "laplace", seed=seed)
+    if sub.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    predictive = Predictive(mean=pred.mean, aleatoric=pred.aleatoric_std ** 2,
+                            epistemic=pred.epistemic_std ** 2, total=pred.total_std ** 2)
+    metrics = evaluate_depth(predictive, depth, max_depth=max_depth)
+    return DepthEvaluation(metrics, pred, depth, seconds)
+
+
+def adapt(sub: Subspace, train: Dataset, lik: DepthLikelihood, settings: EngineSettings,
+          progress: bool = True, seed: int = 0) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """The shared MAP fit on the target domain: returns ``theta_MAP`` and the training history."""
+    loader = DataLoader(train, batch_size=settings.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    post = fit_map(sub, loader, lik, NormalPrior(settings.prior_scale), epochs=settings.map_epochs,
+                   lr=settings.map_lr, progress=progress)
+    return sub.theta.clone(), post.history
+
+
+def time_predictive(sub: Subspace, post: Posterior, images: torch.Tensor, lik: DepthLikelihood,
+                    n_samples: int = 32, repeats: int = 5) -> dict[str, float]:
+    """Seconds for one deterministic forward pass of ``images`` and for the ``n_samples``-sample
+    predictive (median of ``repeats`` after a warm-up), and their ratio."""
+    def clock(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if sub.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if sub.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    images = images.to(sub.device)
+    with torch.inference_mode():
+        single = clock(lambda: sub(images))
+        sampled = clock(lambda: predict_depth(sub, post, images, n_samples, likelihood=lik))
+    return {"forward_s": single, "predictive_s": sampled, "ratio": sampled / single,
+            "n_samples": n_samples, "batch": images.shape[0]}
+
+
+def summarise(rows: Iterable[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """A markdown table of ``rows`` (dicts) with the given columns; floats to 4 significant digits."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

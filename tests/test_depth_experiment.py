@@ -1,0 +1,160 @@
+"""The depth experiment pieces: the Fisher of the depth likelihoods, the GGN diagonal for a depth
+network, the target-domain scenes, the depth figures, and the study's quick run (with resume)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bayes_colora as bc
+from bayes_colora.depth import DepthLikelihood
+from bayes_colora.depth import plots as P
+from bayes_colora.depth.scenes import procedural_scenes, shifted_scenes
+from bayes_colora.inference.ggn import _unit_rows, ggn_diag
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "laplace"])
+def test_fisher_diag_is_the_expected_squared_score(dist):
+    """E[(d log p / d out)^2] by Monte Carlo against fisher_diag (2/v, 1/4 for the Laplace)."""
+    torch.manual_seed(0)
+    lik = DepthLikelihood(dist=dist, space="depth", heteroscedastic=True)
+    n = 200_000
+    mu, log_v = torch.tensor(3.0, dtype=torch.float64), torch.tensor(math.log(0.25), dtype=torch.float64)
+    out = torch.stack([mu.expand(n), log_v.expand(n)]).T.reshape(n, 2, 1, 1).clone().requires_grad_(True)
+    std = log_v.exp().sqrt()
+    if dist == "gaussian":
+        y = mu + std * torch.randn(n, dtype=torch.float64)
+    else:
+        y = mu + torch.distributions.Laplace(0.0, std / math.sqrt(2)).sample((n,)).double()
+    y = y.reshape(n, 1, 1, 1)
+    (score,) = torch.autograd.grad(lik.log_prob(out, y).sum(), out)
+    sq = score.reshape(n, 2) ** 2
+    mc, se = sq.mean(0), sq.std(0) / math.sqrt(n)
+    fisher = lik.fisher_diag(out.detach()[:1], y[:1]).reshape(2)
+    assert torch.all((mc - fisher).abs() < 5 * se + 1e-9), (mc, fisher, se)
+    want = torch.tensor([1 / 0.25, 0.5] if dist == "gaussian" else [2 / 0.25, 0.25], dtype=torch.float64)
+    assert torch.allclose(fisher, want)
+
+
+def test_fisher_is_zero_at_invalid_pixels():
+    lik = DepthLikelihood(sigma=0.5)
+    out = torch.ones(1, 1, 2, 2)
+    y = torch.tensor([[[[1.0, 0.0], [float("nan"), 2.0]]]])
+    assert torch.equal(lik.fisher_diag(out, y), torch.tensor([[[[4.0, 0.0], [0.0, 4.0]]]]))
+
+
+def _tiny_depth_subspace():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, padding=1))
+    return bc.Subspace.from_model(net, bc.LoRA(rank=1))
+
+
+def test_ggn_diagonal_of_a_depth_likelihood_matches_the_jacobian():
+    """diag(J^T Lambda J) with the Fisher Lambda, against an explicit Jacobian."""
+    sub = _tiny_depth_subspace()
+    x = torch.randn(2, 3, 5, 5)
+    y = torch.rand(2, 1, 5, 5) + 0.5
+    y[0, 0, 0, :3] = 0.0  # invalid pixels
+    lik = DepthLikelihood(dist="laplace", heteroscedastic=True)
+    theta = sub.theta + 0.1 * torch.randn(sub.dim)
+    diag, _ = ggn_diag(sub, [(x, y)], lik, theta, chunk_size=7)
+    jac = torch.autograd.functional.jacobian(lambda t: sub(x, theta=t), theta).reshape(-1, sub.dim)
+    lam = lik.fisher_diag(sub(x, theta=theta).detach(), y).reshape(-1)
+    want = (jac ** 2 * lam[:, None]).sum(0)
+    assert torch.allclose(diag, want, rtol=1e-4, atol=1e-6)
+    probes, _ = ggn_diag(sub, [(x, y)] * 50, lik, theta, chunk_size=64, probes=64,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(probes / 50, want, rtol=0.25, atol=1e-3 * float(want.max()))
+
+
+def test_unit_rows_are_rows_of_the_identity():
+    rows = _unit_rows(slice(3, 7), 10, torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(rows, torch.eye(10, dtype=torch.float64)[3:7])
+
+
+def test_shifted_scenes_scale_depth_and_recolour():
+    base = procedural_scenes(2, 16, 20, seed=5).tensors
+    img, depth = shifted_scenes(2, 16, 20, seed=5, depth_scale=2.0, gamma=0.5, tint=(1.0, 0.5, 0.25)).tensors
+    assert torch.allclose(depth, 2.0 * base[1])
+    tint = torch.tensor([1.0, 0.5, 0.25]).view(1, 3, 1, 1)
+    assert torch.allclose(img, (tint * base[0].clamp_min(0) ** 0.5).clamp(0, 1))
+    with pytest.raises(ValueError, match="positive"):
+        shifted_scenes(1, depth_scale=0.0)
+
+
+def test_sparsification_curves_of_the_true_error_are_the_oracle():
+    torch.manual_seed(0)
+    gt = torch.rand(3, 1, 8, 8) + 1.0
+    mean = gt + 0.3 * torch.randn_like(gt)
+    model, oracle = P.sparsification_curves(mean, (mean - gt).abs(), gt, "rmse")
+    assert torch.allclose(model, oracle)
+    model, oracle = P.sparsification_curves(mean, torch.rand_like(gt), gt, "abs_rel")
+    assert model.shape == oracle.shape == (50,)
+    assert torch.all(oracle <= model + 1e-12)
+    assert float(oracle[0]) == pytest.approx(float(((mean - gt).abs() / gt).mean((1, 2, 3)).mean()), rel=1e-6)
+
+
+def test_depth_coverage_of_exact_intervals():
+    """Standard normal errors with std 1: the observed coverage of every level is that level."""
+    torch.manual_seed(0)
+    gt = torch.full((4, 1, 100, 100), 5.0)
+    mean = gt + torch.randn_like(gt)
+    cov = P.depth_coverage(mean, torch.ones_like(gt), gt, levels=(0.5, 0.9))
+    assert torch.allclose(cov.double(), torch.tensor([0.5, 0.9], dtype=torch.float64), atol=0.01)
+
+
+def test_depth_figures_have_their_panels(tmp_path):
+    images = torch.rand(2, 3, 8, 10)
+    gt = torch.rand(2, 1, 8, 10) + 1
+    fig = P.uncertainty_panel(images, gt, gt + 0.1, torch.ones_like(gt), titles=["a", "b"],
+                              path=tmp_path / "panel.png")
+    assert (tmp_path / "panel.png").stat().st_size > 0
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == list(P.PANEL_COLUMNS)
+    curve = [1.0] * 50
+    fig = P.sparsification_plot({"map": (curve, curve), "vi": (curve, curve)})
+    assert len(fig.axes[0].get_lines()) == 4
+    fig = P.comparison_plot([{"adapter": "lora", "engine": "map", "nll": 1.0},
+                             {"adapter": "lora", "engine": "vi", "nll": 0.5}], "nll")
+    heights = sorted(p.get_height() for p in fig.axes[0].patches)
+    assert heights == [0.5, 1.0]
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        P.uncertainty_panel(torch.rand(2, 8, 10), gt, gt, gt)
+    with pytest.raises(ValueError, match="50 points"):
+        P.sparsification_plot({"map": ([1.0], [1.0])})
+
+
+def test_depth_study_quick_runs_and_resumes(tmp_path):
+    """The quick study on built-in scenes: every cell has finite metrics, the figures exist, and
+    a second run with the same --out finds every cell done (and changes nothing)."""
+    out = tmp_path / "depth"
+    cmd = [sys.executable, os.path.join(ROOT, "studies", "depth_uncertainty.py"), "--quick",
+           "--out", str(out), "--no-progress", "--models", "mobilenet", "--adapters", "convcolora",
+           "--size", "28", "42", "--source", "8", "--pretrain-epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["engine"] for r in rows] == ["map", "laplace", "swag", "vi"]
+    for r in rows:
+        for key in ("abs_rel", "rmse", "nll", "ause_rmse", "aurg_rmse", "calibration_error"):
+            assert math.isfinite(r[key]), (r["engine"], key)
+    assert rows[0]["d"] > 0 and all(r["d"] == rows[0]["d"] for r in rows)
+    # MAP's epistemic part is zero, a sampled posterior's is not: their NLLs differ
+    assert rows[0]["nll"] != rows[2]["nll"]
+    for name in ("results.md", "sparsification-mobilenet-convcolora.png",
+                 "calibration-mobilenet-convcolora.png", "compare-mobilenet-nll.png",
+                 "panel-mobilenet-convcolora-vi.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "mobilenet" in results["timing"]
+    before = (out / "results.json").read_text()
+    done = subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert "d = " not in done.stdout  # no cell was fitted again
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
