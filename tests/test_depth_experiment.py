@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import bayes_colora as bc
 from bayes_colora.depth import DepthLikelihood
