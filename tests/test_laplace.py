@@ -109,6 +109,35 @@ def test_gridsearch_picks_the_precision_with_the_best_validation_density():
     assert post.history[0]["prior_precision"] == pytest.approx(want)
 
 
+def test_temperature_divides_the_likelihood_curvature_and_is_searched_with_the_precision():
+    sub, x, y, loader = linear_problem(n=12, p=5)
+    theta = closed_form(x, y, 4.0)[1]
+    sub.theta = theta
+    # tempered conjugate posterior: covariance (X^T X / (sigma^2 T) + delta)^{-1}
+    warm = bc.fit_laplace(sub, loader, LIK, PRIOR, hessian="full", temperature=10.0, progress=False)
+    want = torch.linalg.inv(x.T @ x / (10.0 * SIGMA ** 2) + 4.0 * torch.eye(5, dtype=x.dtype))
+    torch.testing.assert_close(warm.covariance, want, rtol=1e-10, atol=1e-13)
+    assert warm.history[0]["temperature"] == 10.0
+    # the joint grid finds the (precision, temperature) pair with the lowest exact validation NLL
+    _, xv, yv, val = linear_problem(n=200, p=5, seed=1)
+
+    def exact_nll(prec, temp):
+        cov = torch.linalg.inv(x.T @ x / (temp * SIGMA ** 2) + prec * torch.eye(5, dtype=x.dtype))
+        var = (xv @ cov * xv).sum(1) + SIGMA ** 2
+        return float((0.5 * ((yv[:, 0] - xv @ theta) ** 2 / var + var.log() + math.log(2 * math.pi))).mean())
+
+    pairs = [(p, t) for t in (0.01, 1.0, 100.0) for p in (1e-2, 1.0, 1e2)]
+    want_p, want_t = min(pairs, key=lambda pt: exact_nll(*pt))
+    post = bc.fit_laplace(sub, loader, LIK, PRIOR, tune_prior="gridsearch", val_loader=val,
+                          prior_grid=[1e-2, 1.0, 1e2], temperature_grid=[0.01, 1.0, 100.0],
+                          n_samples=256, progress=False, generator=torch.Generator().manual_seed(0))
+    assert (post.history[0]["prior_precision"], post.history[0]["temperature"]) == pytest.approx((want_p, want_t))
+    with pytest.raises(ValueError, match="temperature_grid is searched by tune_prior='gridsearch'"):
+        bc.fit_laplace(sub, loader, LIK, temperature_grid=[1.0, 2.0], progress=False)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        bc.fit_laplace(sub, loader, LIK, temperature=0.0, progress=False)
+
+
 def test_linearised_predictive_variance_is_x_sigma_x_plus_noise():
     sub, x, y, loader = linear_problem()
     cov, mean = closed_form(x, y, 4.0)

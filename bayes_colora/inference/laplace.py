@@ -25,7 +25,13 @@ Prior tuning (a scalar ``delta`` then replaces the prior's precision):
   ``gamma = sum_j lam_j / (lam_j + delta)``, increasing in ``delta``: the unique maximiser is found
   by bisection on ``log delta``. At a MAP for that ``delta`` this is MacKay's evidence fixed point.
 * ``"gridsearch"``: the ``delta`` of a log grid that minimises the negative log predictive density
-  of the linearised predictive on ``val_loader``.
+  of the linearised predictive on ``val_loader``; with ``temperature_grid``, the pair
+  ``(delta, T)``.
+
+Tempering: ``temperature=T`` uses ``log p(D | theta) / T``, i.e. ``P = G / T + diag(delta)``.
+Since ``G / T + delta = (G + T delta) / T``, the pair scales the covariance by ``T`` at a prior
+ratio ``T delta``: the one knob that widens a posterior which ``G`` has made too narrow (dense
+outputs with correlated errors, where the independent-element likelihood over-counts evidence).
 """
 from __future__ import annotations
 
@@ -54,8 +60,9 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
                 val_loader: Iterable | None = None, rank: int = 20, chunk_size: int = 64,
                 progress: bool = True, backend: str = "auto", diag_probes: int | None = None,
                 prior_grid: Iterable[float] = DEFAULT_GRID, n_samples: int = 64,
-                generator: torch.Generator | None = None) -> Posterior:
-    r"""Laplace approximation ``N(theta*, (G + delta)^{-1})`` at ``theta* = sub.theta``.
+                generator: torch.Generator | None = None, temperature: float = 1.0,
+                temperature_grid: Iterable[float] | None = None) -> Posterior:
+    r"""Laplace approximation ``N(theta*, (G / T + delta)^{-1})`` at ``theta* = sub.theta``.
 
     Args:
         sub: the subspace, with ``sub.theta`` at the MAP estimate (run ``bc.fit_map`` first).
@@ -80,12 +87,19 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
         prior_grid: precisions tried by ``"gridsearch"``.
         n_samples: posterior samples per precision in ``"gridsearch"`` (common random numbers).
         generator: for the randomised eigensolver, the probes and the grid search samples.
+        temperature: ``T``; the likelihood is tempered as ``log p(D | theta) / T``, so the GGN and
+            the log-likelihood are divided by ``T`` (``T > 1`` widens the posterior: for dense
+            outputs whose elements are far from independent, e.g. the pixels of a depth map,
+            the independent-pixel likelihood over-counts the evidence).
+        temperature_grid: with ``"gridsearch"``, temperatures searched jointly with
+            ``prior_grid`` (every pair); the curvature is computed once for all of them.
 
     Returns:
         the posterior; its ``history`` holds one record with ``prior_precision`` (when scalar),
-        ``log_lik`` and, with ``"marglik"``, ``log_marglik``.
+        ``temperature``, ``log_lik`` (untempered) and, with ``"marglik"``, ``log_marglik``.
     """
     _check_args(hessian, tune_prior, val_loader, backend, rank)
+    temperatures = _check_temperatures(temperature, temperature_grid, tune_prior)
     theta = sub.theta
     lik = lik.to(sub.device)
     prec = (prior.precision if prior is not None else torch.tensor(1.0)).to(theta)
@@ -112,10 +126,13 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
         curv = _LowRankCurvature(vals, vecs, log_lik[-1], white, tuned)
 
     record: dict[str, float] = {"log_lik": float(curv.log_lik.detach())}
+    if tune_prior == "gridsearch":
+        prec, temperature = _tune_grid(sub, curv, theta, val_loader, lik, prior_grid, temperatures,
+                                       n_samples, chunk_size, generator)
+    record["temperature"] = float(temperature)
+    curv = curv.scaled(1.0 / temperature)
     if tune_prior == "marglik":
         prec, record["log_marglik"] = _tune_marglik(curv, theta)
-    elif tune_prior == "gridsearch":
-        prec = _tune_grid(sub, curv, theta, val_loader, lik, prior_grid, n_samples, chunk_size, generator)
     if prec.dim() == 0:
         record["prior_precision"] = float(prec)
     return curv.posterior(theta, prec, lik, [record])
@@ -141,6 +158,18 @@ def _check_args(hessian: str, tune_prior: str | None, val_loader: Iterable | Non
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
 
 
+def _check_temperatures(temperature: float, grid: Iterable[float] | None,
+                        tune_prior: str | None) -> tuple[float, ...]:
+    """The temperatures to try: ``(temperature,)`` or the grid (with ``"gridsearch"`` only)."""
+    if grid is not None and tune_prior != "gridsearch":
+        raise ValueError("temperature_grid is searched by tune_prior='gridsearch' only; pass "
+                         "tune_prior='gridsearch' and val_loader, or a single temperature=")
+    temps = tuple(float(t) for t in grid) if grid is not None else (float(temperature),)
+    if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
+        raise ValueError(f"temperatures must be finite and > 0, got {temps}")
+    return temps
+
+
 # ------------------------------------------------------------------------------ curvatures
 class _FullCurvature:
     """Dense ``G``; eigenvalues on demand for prior tuning."""
@@ -150,6 +179,10 @@ class _FullCurvature:
 
     def eigvals(self) -> torch.Tensor:
         return torch.linalg.eigvalsh(self.ggn).clamp_min(0.0)
+
+    def scaled(self, c: float) -> "_FullCurvature":
+        """The curvature of the likelihood raised to the power ``c``: ``c G``, ``c log p``."""
+        return self if c == 1.0 else _FullCurvature(c * self.ggn, c * self.log_lik)
 
     def posterior(self, theta: torch.Tensor, prec: torch.Tensor, lik: Likelihood,
                   history: list[dict[str, float]]) -> Posterior:
@@ -165,6 +198,10 @@ class _DiagCurvature:
 
     def eigvals(self) -> torch.Tensor:
         return self.diag.clamp_min(0.0)
+
+    def scaled(self, c: float) -> "_DiagCurvature":
+        """``c diag(G)``, ``c log p``."""
+        return self if c == 1.0 else _DiagCurvature(c * self.diag, c * self.log_lik)
 
     def posterior(self, theta: torch.Tensor, prec: torch.Tensor, lik: Likelihood,
                   history: list[dict[str, float]]) -> Posterior:
@@ -185,6 +222,11 @@ class _LowRankCurvature:
         zeros = torch.zeros(self.white.shape[0] - self.vals.shape[0], dtype=self.vals.dtype,
                             device=self.vals.device)
         return torch.cat([self.vals, zeros])
+
+    def scaled(self, c: float) -> "_LowRankCurvature":
+        """``c W G W`` has the same vectors and values ``c lam``."""
+        return self if c == 1.0 else _LowRankCurvature(c * self.vals, self.vecs, c * self.log_lik,
+                                                       self.white, self.unwhitened)
 
     def posterior(self, theta: torch.Tensor, prec: torch.Tensor, lik: Likelihood,
                   history: list[dict[str, float]]) -> Posterior:
@@ -217,17 +259,19 @@ def _tune_marglik(curv: Any, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _tune_grid(sub: Subspace, curv: Any, theta: torch.Tensor, val_loader: Iterable,
-               lik: Likelihood, grid: Iterable[float], n_samples: int, chunk_size: int,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """The grid precision with the lowest validation NLL of the linearised predictive."""
+               lik: Likelihood, grid: Iterable[float], temperatures: tuple[float, ...],
+               n_samples: int, chunk_size: int, generator: torch.Generator | None,
+               ) -> tuple[torch.Tensor, float]:
+    """The ``(precision, temperature)`` pair of the grid with the lowest validation NLL of the
+    linearised predictive."""
     from ..predictive import predict
 
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device)) \
         if generator is not None else 0
     best, best_nll = None, math.inf
-    for delta in grid:
+    for temp, delta in ((t, g) for t in temperatures for g in grid):
         prec = torch.tensor(float(delta), dtype=theta.dtype, device=theta.device)
-        post = curv.posterior(theta, prec, lik, [])
+        post = curv.scaled(1.0 / temp).posterior(theta, prec, lik, [])
         total, count = 0.0, 0
         for i, x, y in batches(val_loader, sub.device):
             gen = torch.Generator(device=theta.device).manual_seed(seed + i)  # common random numbers
@@ -238,7 +282,7 @@ def _tune_grid(sub: Subspace, curv: Any, theta: torch.Tensor, val_loader: Iterab
         if count == 0:
             raise ValueError("val_loader is empty: it yields no batch")
         if total / count < best_nll:
-            best, best_nll = prec, total / count
+            best, best_nll = (prec, temp), total / count
     return best
 
 
