@@ -3,6 +3,13 @@ engine against laplace-torch, time and peak memory, each run in a fresh subproce
 when its resident memory passes a cap (default 4 GiB, polled every 10 ms): "fails" in the table.
 
     .venv/bin/python benchmarks/laplace_vs_laplace_torch.py [--cap-gib 4] [--sizes 16 32 64 128]
+    python benchmarks/laplace_vs_laplace_torch.py --device cuda     # on a GPU
+
+On CUDA both run on the GPU (laplace-torch's default ``CurvlinopsGGN`` forms the full GGN as
+``linop @ torch.eye(d)`` with the identity on the CPU, so its worker sets the default device to
+CUDA; the ``AsdlGGN`` and ``BackPackGGN`` backends refuse a model with frozen parameters), times are taken after ``torch.cuda.synchronize()``, and memory
+is the peak of ``torch.cuda.max_memory_allocated`` (no RSS cap; running out of GPU memory is
+"fails").
 
 Model: ``Conv(1,c,3) - tanh - Conv(c,c,3) - tanh - Conv(c,1,3)``, LoRA of rank r on every conv,
 a random point theta, Gaussian likelihood sigma = 0.1, prior precision 1. Fit on N images, then
@@ -30,7 +37,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: str) -> None:
+def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: str,
+           device: str = "cpu") -> None:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -42,17 +50,24 @@ def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: st
     model = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.Tanh(),
                           nn.Conv2d(channels, channels, 3, padding=1), nn.Tanh(),
                           nn.Conv2d(channels, 1, 3, padding=1))
-    sub = bc.Subspace.from_model(model, bc.LoRA(rank=rank))
-    sub.theta = 0.1 * torch.randn(sub.dim)
-    x, y = torch.randn(n_train, 1, size, size), torch.randn(n_train, 1, size, size)
-    xt = torch.randn(8, 1, size, size)
+    sub = bc.Subspace.from_model(model, bc.LoRA(rank=rank)).to(device)
+    sub.theta = 0.1 * torch.randn(sub.dim, device=device)
+    x, y = torch.randn(n_train, 1, size, size, device=device), torch.randn(n_train, 1, size, size, device=device)
+    xt = torch.randn(8, 1, size, size, device=device)
     lik, sigma = bc.Gaussian(sigma=0.1), 0.1
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss0 = rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        mem0 = torch.cuda.memory_allocated()
+    sync()
     t0 = time.perf_counter()
     if impl == "bayes_colora":
         loader = DataLoader(TensorDataset(x, y), batch_size=8)
         post = bc.fit_laplace(sub, loader, lik, bc.NormalPrior(1.0), hessian="full", backend="jvp",
                               chunk_size=32, progress=False)
+        sync()
         t_fit = time.perf_counter() - t0
         var = bc.predict(sub, post, xt, n_samples=32, linearized=True).epistemic
         cov = post.covariance
@@ -68,28 +83,38 @@ def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: st
                 return self.sub(x).flatten(1)
 
         loader = DataLoader(TensorDataset(x, y.flatten(1)), batch_size=8)
+        if cuda:  # laplace-torch 0.3's CurvlinopsGGN.full multiplies by a torch.eye made on the CPU
+            torch.set_default_device(device)
         la = Laplace(Flat(sub), "regression", subset_of_weights="all", hessian_structure="full",
                      sigma_noise=sigma, prior_precision=1.0)
         la.fit(loader)
+        sync()
         t_fit = time.perf_counter() - t0
         _, f_var = la(xt, pred_type="glm")
         var = f_var.diagonal(dim1=-2, dim2=-1)
         cov = la.posterior_covariance
+    sync()
     total = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    torch.save({"cov": cov.detach(), "var": var.detach().flatten()}, out + ".pt")
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        extra = peak - mem0
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        extra = peak - rss0
+    torch.save({"cov": cov.detach().cpu(), "var": var.detach().flatten().cpu()}, out + ".pt")
     with open(out, "w") as f:
         json.dump({"d": sub.dim, "fit_s": t_fit, "total_s": total, "peak_gib": peak / 2 ** 30,
-                   "extra_gib": (peak - rss0) / 2 ** 30}, f)
+                   "extra_gib": extra / 2 ** 30}, f)
 
 
-def run(impl: str, size: int, channels: int, rank: int, n_train: int, cap: int) -> dict:
+def run(impl: str, size: int, channels: int, rank: int, n_train: int, cap: int,
+        device: str = "cpu") -> dict:
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
 
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
     proc = subprocess.Popen([sys.executable, __file__, "--worker", impl, str(size), str(channels),
-                             str(rank), str(n_train), out], env=env,
+                             str(rank), str(n_train), out, device], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = False
     while proc.poll() is None:  # the memory cap: kill the worker when its RSS passes it
@@ -98,7 +123,7 @@ def run(impl: str, size: int, channels: int, rank: int, n_train: int, cap: int) 
                 rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (FileNotFoundError, ProcessLookupError):
             break
-        if rss > cap:
+        if rss > cap and not device.startswith("cuda"):
             proc.kill()
             killed = True
         time.sleep(0.01)
@@ -121,18 +146,20 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--reference", action="store_true", help="also run 64x64 with d ~ 5000")
+    ap.add_argument("--device", default="cpu", help="cpu (RSS, capped) or cuda (GPU memory)")
     args = ap.parse_args()
     import torch
 
     cap = int(args.cap_gib * 2 ** 30)
-    print(f"cap {args.cap_gib} GiB RSS, {THREADS} threads, N = {args.n_train}\n")
+    where = f"cap {args.cap_gib} GiB RSS, {THREADS} threads" if args.device == "cpu" else args.device
+    print(f"{where}, N = {args.n_train}\n")
     print("| outputs | d | bayes_colora fit+pred (s) | laplace-torch fit+pred (s) | time ratio "
           "| bayes_colora extra / peak RSS (GiB) | laplace-torch extra / peak RSS (GiB) | memory ratio (extra) "
           "| cov. rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        ours = run("bayes_colora", size, args.channels, args.rank, args.n_train, cap)
-        ref = run("laplace-torch", size, args.channels, args.rank, args.n_train, cap)
+        ours = run("bayes_colora", size, args.channels, args.rank, args.n_train, cap, args.device)
+        ref = run("laplace-torch", size, args.channels, args.rank, args.n_train, cap, args.device)
         row = [f"{size}x{size} = {size * size}", str(ours.get("d", "?"))]
         cell = lambda r: (f"{r['total_s']:.2f} (fit {r['fit_s']:.2f})" if "failed" not in r  # noqa: E731
                           else f"fails: {r['failed']}")
@@ -149,13 +176,14 @@ def main() -> None:
             row.append("-")
         print("| " + " | ".join(row) + " |", flush=True)
     if args.reference:
-        r = run("bayes_colora", 64, 12, 20, 8, cap)
+        r = run("bayes_colora", 64, 12, 20, 8, cap, args.device)
         print(f"\nreference 64x64 (4096 outputs), channels 12, LoRA rank 20, N = 8: "
               f"{json.dumps({k: v for k, v in r.items() if k != 'out'})}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7])
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7],
+               *sys.argv[8:9])
     else:
         main()

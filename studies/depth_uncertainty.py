@@ -42,7 +42,7 @@ from bayes_colora.subspace import _atomic_write
 MODELS = ("mobilenet", "depth_anything")
 TABLE_COLUMNS = ("model", "adapter", "engine", "d", "abs_rel", "rmse", "delta1", "nll",
                  "calibration_error", "coverage_90", "ause_rmse", "aurg_rmse", "ause_abs_rel",
-                 "fit_s", "predict_s")
+                 "fit_s", "predict_s", "temperature")
 PANEL_IMAGES = 3
 
 
@@ -77,7 +77,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
                    n_train=24, n_val=8, n_test=8, da_size="tiny",
                    settings=E.EngineSettings(map_epochs=10, map_lr=5e-3, swag_epochs=4, swag_lr=1e-3,
                                              vi_steps=30, vi_particles=2, laplace_probes=4, n_samples=8,
-                                             laplace_grid=(1e-1, 1e1, 1e3, 1e5)))
+                                             laplace_grid=(1e-1, 1e1, 1e3, 1e5), laplace_temperatures=(1.0, 1e2, 1e4)))
     else:
         cfg = dict(models=list(MODELS), adapters=list(E.ADAPTERS), engines=list(E.ENGINES),
                    size=(210, 280), source=600, pretrain_epochs=15, n_val=args.val, da_size="small",
@@ -175,6 +175,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     def save() -> None:
         _atomic_write(results_path, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)))
 
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # the S-sample predictive batches S x B images
     for model_name in cfg["models"]:
         base = pretrained_model(model_name, args, cfg, lik, results["log"])
         for adapter in cfg["adapters"]:
@@ -198,6 +200,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 row = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
                        **ev.metrics, "fit_s": fit_s, "predict_s": ev.seconds, "curves": curves,
                        "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}
+                if engine == "laplace":  # the grid search's choice
+                    row.update({k: post.history[0][k] for k in ("prior_precision", "temperature")})
                 results["rows"].append(row)
                 if adapter == panel_adapter:
                     idx = torch.linspace(0, len(test_raw) - 1, PANEL_IMAGES).long().tolist()
@@ -205,9 +209,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     P.uncertainty_panel(images, ev.depth[idx], pred.mean[idx], pred.total_std[idx],
                                         titles=[f"test {i}" for i in idx],
                                         path=os.path.join(args.out, f"panel-{model_name}-{adapter}-{engine}.png"))
-                    if engine in ("swag", "vi") and model_name not in results["timing"]:
-                        batch = torch.stack([test[i][0] for i in range(min(8, len(test)))])
-                        results["timing"][model_name] = E.time_predictive(sub, post, batch, lik, 32)
+                if engine == "swag" and f"{model_name}/{adapter}" not in results["timing"]:
+                    batch = torch.stack([test[i][0] for i in range(min(8, len(test)))])
+                    results["timing"][f"{model_name}/{adapter}"] = E.time_predictive(sub, post, batch, lik, 32)
                 save()
                 print({k: round(v, 4) for k, v in ev.metrics.items() if k in TABLE_COLUMNS}, flush=True)
             del sub
@@ -219,10 +223,11 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
     """results.md and the figures from the rows of ``results``."""
     rows = results["rows"]
     table = E.summarise(rows, TABLE_COLUMNS)
-    timing = ["| model | batch | one forward (s) | S=32 predictive (s) | ratio |", "|---|---|---|---|---|"]
-    for model, t in results["timing"].items():
-        timing.append(f"| {model} | {t['batch']} | {t['forward_s']:.4g} | {t['predictive_s']:.4g} | "
-                          f"{t['ratio']:.2f}x |")
+    timing = ["| model / adapter | batch | one forward (s) | S=32 predictive (s) | ratio |",
+              "|---|---|---|---|---|"]
+    for cell, t in results["timing"].items():
+        timing.append(f"| {cell} | {t['batch']} | {t['forward_s']:.4g} | {t['predictive_s']:.4g} | "
+                      f"{t['ratio']:.2f}x |")
     text = (f"# Depth uncertainty study\n\nData: {results['config'].get('data')}; device "
             f"{results['config'].get('device')}.\n\n{table}\n## Predictive cost (adapters in the decoder only)\n\n"
             + "\n".join(timing) + "\n")

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
         E.Normalised(test_raw)
     settings = E.EngineSettings(map_epochs=20, map_lr=5e-3, swag_epochs=5, swag_lr=1e-3, vi_steps=60,
                                 vi_particles=2, laplace_probes=4, n_samples=16,
-                                laplace_grid=(1e-1, 1e1, 1e3, 1e5))
+                                laplace_grid=(1e-1, 1e1, 1e3, 1e5), laplace_temperatures=(1.0, 1e2, 1e4))
     sub = Subspace.from_model(model, E.ADAPTERS["convcolora"]())
     print(f"adapting ConvCoLoRA (d = {sub.dim}) to 40 target scenes ...", flush=True)
     t0 = time.perf_counter()

@@ -8,9 +8,12 @@ The pieces are shared by ``studies/depth_uncertainty.py`` (the adapters x engine
 Every engine starts from the same MAP estimate of the adapter, ``theta_MAP``:
 
 * ``"map"``: the Dirac posterior at ``theta_MAP`` (its uncertainty is the aleatoric map only);
-* ``"laplace"``: ``N(theta_MAP, (diag G + delta)^{-1})`` with the Fisher GGN diagonal estimated
-  from ``laplace_probes`` Rademacher probes per batch (cost: that many VJPs per batch, whatever
-  ``d``), ``delta`` chosen on the validation images by grid search; linearised predictive;
+* ``"laplace"``: ``N(theta_MAP, (diag G / T + delta)^{-1})`` with the Fisher GGN diagonal
+  estimated from ``laplace_probes`` Rademacher probes per batch (cost: that many VJPs per batch,
+  whatever ``d``), the prior precision ``delta`` and the likelihood temperature ``T`` chosen
+  together on the validation images by grid search (the per-pixel likelihood treats the pixels
+  of an image as independent and over-counts the evidence; at ``T = 1`` the GGN of 10^7 pixels
+  swamps any prior and the posterior collapses onto the MAP); linearised predictive;
 * ``"swag"``: SWAG from ``theta_MAP`` with Adam at a constant learning rate, one snapshot per epoch;
 * ``"vi"``: a mean-field Gaussian (Pyro ``AutoNormal``) initialised at ``theta_MAP``.
 """
@@ -59,6 +62,7 @@ class EngineSettings:
     prior_scale: float = 1.0
     laplace_probes: int = 16
     laplace_grid: tuple[float, ...] = tuple(10.0 ** e for e in range(-2, 7))
+    laplace_temperatures: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4)
     swag_epochs: int = 10
     swag_lr: float = 2e-4
     swag_rank: int = 10
@@ -163,6 +167,7 @@ def fit_engine(engine: str, sub: Subspace, train: Dataset, val: Dataset, lik: De
         val_loader = DataLoader(val, batch_size=settings.batch_size)
         post = fit_laplace(sub, ordered, lik, prior, hessian="diag", diag_probes=settings.laplace_probes,
                            tune_prior="gridsearch", val_loader=val_loader, prior_grid=settings.laplace_grid,
+                           temperature_grid=settings.laplace_temperatures,
                            n_samples=8, progress=progress, chunk_size=settings.laplace_probes,
                            generator=torch.Generator(device=sub.device).manual_seed(seed))
     elif engine == "swag":

@@ -18,6 +18,9 @@ then, for a chunk of ``c`` tangent vectors ``V`` (``c x d``):
 * ``J^T U`` via the kept VJP under ``vmap``: ``(c, d)``;
 * ``G V = J^T (Lambda (J V))``: both.
 
+The dense ``G`` (:func:`ggn_full`) of a batch whose Jacobian fits a memory budget is instead
+``J^T (Lambda J)`` from ``d`` JVPs and one matrix product, without the VJPs.
+
 Memory therefore grows with ``c x B x outputs`` (plus the activations of ``c`` forward-mode
 passes), never with ``B x outputs x d``. Cost per batch: one JVP and one VJP per column for ``G V``,
 one JVP per column for ``diag(G)``.
@@ -129,10 +132,29 @@ def ggn_matmul(sub: Subspace, loader: Iterable, lik: Likelihood, theta: torch.Te
 
 
 def ggn_full(sub: Subspace, loader: Iterable, lik: Likelihood, theta: torch.Tensor,
-             chunk_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G, log p(D | theta))`` with ``G`` the dense ``d x d`` GGN (symmetrised)."""
-    eye = torch.eye(theta.shape[0], dtype=theta.dtype, device=theta.device)
-    g, log_lik = ggn_matmul(sub, loader, lik, theta, eye, chunk_size, progress)
+             chunk_size: int = 64, progress: bool = False, jacobian_budget: int = 2 ** 28,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(G, log p(D | theta))`` with ``G`` the dense ``d x d`` GGN (symmetrised).
+
+    Per batch, when the whole Jacobian fits in ``jacobian_budget`` bytes (``2 d n`` numbers for
+    ``n = B x outputs``: ``J`` and ``Lambda J``), ``J`` is formed from ``d`` JVPs (in chunks of
+    ``chunk_size``) and ``G += J^T (Lambda J)`` is one matrix product: half the passes of the
+    ``G V`` route, which the larger batches take (``d`` JVPs and ``d`` VJPs, memory
+    ``chunk_size x n``).
+    """
+    d = theta.shape[0]
+    g = torch.zeros(d, d, dtype=theta.dtype, device=theta.device)
+    log_lik = torch.zeros((), dtype=torch.float64, device=theta.device)
+    for lin, y, ll in _passes(sub, loader, lik, theta, "GGN", progress):
+        lam = vmap(lambda u: output_precision(lik, lin.out, y, u))
+        if 2 * d * lin.out.numel() * lin.out.element_size() <= jacobian_budget:
+            jac = torch.cat([lin.jvp(_unit_rows(s, d, theta)).detach() for s in _chunks(d, chunk_size)])
+            lam_jac = torch.cat([lam(jac[s]) for s in _chunks(d, chunk_size)])
+            g += (jac.reshape(d, -1) @ lam_jac.reshape(d, -1).mT).to(g)
+        else:
+            for s in _chunks(d, chunk_size):
+                g[s] += lin.vjp(lam(lin.jvp(_unit_rows(s, d, theta)))).detach()
+        log_lik += ll.detach().double()
     return 0.5 * (g + g.mT), log_lik
 
 
