@@ -16,6 +16,7 @@ from .posterior import (DiagGaussianPosterior, DiracPosterior, GaussianPosterior
                         LowRankGaussianPosterior, Posterior, load_posterior)
 from .posterior import LowRankPrecisionGaussianPosterior
 from .posterior import SamplePosterior
+from .posterior import KronGaussianPosterior
 from .predictive import Predictive, predict
 from .priors import NormalPrior
 from .subspace import Subspace
@@ -38,4 +39,5 @@ __all__ = [
     "SamplePosterior", "fit_nuts", "fit_swag", "fit_vi", "pca_basis", "random_basis",
     "ContinuousLoRA",
     "ContributionLoRA", "contribution_scores",
+    "KronGaussianPosterior",
 ]

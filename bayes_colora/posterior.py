@@ -59,6 +59,9 @@ class Posterior:
         """True for a Dirac posterior: every sample is the mean."""
         return False
 
+    #: True where ``theta`` and its reflection ``2 mean - theta`` are equally likely (Gaussians)
+    is_symmetric: ClassVar[bool] = False
+
     def save(self, path: str | os.PathLike) -> None:
         """Write this posterior (and its likelihood) to one file, atomically."""
         from .subspace import _atomic_write
@@ -135,6 +138,8 @@ def standard_normal(shape: tuple[int, ...], like: torch.Tensor,
 class GaussianPosterior(Posterior):
     r"""``N(mu, L L^T)`` with a dense lower-triangular Cholesky factor ``L`` (``scale_tril``)."""
 
+    is_symmetric = True
+
     state_keys = ("loc", "scale_tril")
 
     def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, likelihood: Likelihood | None = None,
@@ -173,6 +178,8 @@ class GaussianPosterior(Posterior):
 class DiagGaussianPosterior(Posterior):
     """``N(mu, diag(std^2))``."""
 
+    is_symmetric = True
+
     state_keys = ("loc", "std")
 
     def __init__(self, loc: torch.Tensor, std: torch.Tensor, likelihood: Likelihood | None = None,
@@ -199,6 +206,8 @@ class DiagGaussianPosterior(Posterior):
 class LowRankGaussianPosterior(Posterior):
     r"""``N(mu, diag(v) + F F^T)`` with ``v`` of shape ``(d,)`` and ``F`` of shape ``(d, K)``
     (SWAG's form; one draw ``mu + sqrt(v) e_1 + F e_2`` couples all of theta)."""
+
+    is_symmetric = True
 
     state_keys = ("loc", "diag_var", "factor")
 
@@ -236,6 +245,8 @@ class LowRankPrecisionGaussianPosterior(Posterior):
     ``mu + S (z + U diag(1 / sqrt(1 + lam) - 1) U^T z)`` with ``z ~ N(0, I_d)``.
     """
 
+    is_symmetric = True
+
     state_keys = ("loc", "prior_std", "eigvecs", "eigvals")
 
     def __init__(self, loc: torch.Tensor, prior_std: torch.Tensor, eigvecs: torch.Tensor,
@@ -264,6 +275,111 @@ class LowRankPrecisionGaussianPosterior(Posterior):
         z = standard_normal((n, self.loc.shape[0]), self.loc, generator)
         z = z + ((z @ self.eigvecs) * ((1 + self.eigvals).rsqrt() - 1)) @ self.eigvecs.mT
         return self.loc + self.prior_std * z
+
+
+class KronGaussianPosterior(Posterior):
+    r"""``N(mu, P^{-1})`` with a block-diagonal precision ``P`` (the KFAC Laplace posterior).
+
+    A *Kronecker block* covers the ``m n`` entries of one ``(m, n)`` parameter (flattened
+    row-major) starting at ``offset``: ``P_b = H kron Q + delta I`` with ``H = U_h diag(lam_h) U_h^T``
+    (``m x m``) and ``Q = U_q diag(lam_q) U_q^T`` (``n x n``) held as eigendecompositions, so
+    ``P_b = (U_h kron U_q) diag(lam_h[i] lam_q[j] + delta) (U_h kron U_q)^T`` and, with
+    ``D[i, j] = lam_h[i] lam_q[j] + delta``, a draw of the block reshaped to ``(m, n)`` is
+    ``U_h (E / sqrt(D)) U_q^T`` for ``E ~ N(0, I)`` of shape ``(m, n)``, and its marginal variances
+    are ``(U_h o U_h) (1 / D) (U_q o U_q)^T``: ``O(m n (m + n))`` per draw, never ``(m n)^2``.
+    The remaining entries (``diag_index``) have a diagonal precision ``diag_precision``.
+
+    Args:
+        loc: the mean, ``(d,)``.
+        blocks: one dict per Kronecker block with ``name`` (str), ``offset`` (int), ``h_eigvals``
+            ``(m,)``, ``h_eigvecs`` ``(m, m)``, ``q_eigvals`` ``(n,)``, ``q_eigvecs`` ``(n, n)`` and
+            ``prior_precision`` (``delta``, a float: a scalar per block keeps the eigenbasis).
+        diag_index: positions of the other entries, ``(k,)``.
+        diag_precision: their posterior precisions, ``(k,)``.
+    """
+
+    is_symmetric = True
+
+    state_keys = ("loc", "blocks", "diag_index", "diag_precision")
+
+    def __init__(self, loc: torch.Tensor, blocks: list[dict[str, Any]], diag_index: torch.Tensor,
+                 diag_precision: torch.Tensor, likelihood: Likelihood | None = None,
+                 history: list[dict[str, float]] | None = None):
+        self.loc = loc.detach().clone()
+        keys = ("h_eigvals", "h_eigvecs", "q_eigvals", "q_eigvecs")
+        self.blocks = [{"name": str(b["name"]), "offset": int(b["offset"]),
+                        "prior_precision": float(b["prior_precision"]),
+                        **{k: b[k].detach().to(self.loc).clone() for k in keys}} for b in blocks]
+        self.diag_index = diag_index.detach().to(self.loc.device, torch.long).clone()
+        self.diag_precision = diag_precision.detach().to(self.loc).clone()
+        self._check()
+        self._finish(likelihood, history)
+
+    def _check(self) -> None:
+        covered = torch.zeros(self.loc.shape[0], dtype=torch.long, device=self.loc.device)
+        for b in self.blocks:
+            covered[self._slice(b)] += 1
+            if not bool((self._block_precisions(b) > 0).all()):
+                raise ValueError(f"block {b['name']}: the precision lam_h lam_q + delta is not positive; "
+                                 f"use a positive prior precision")
+        covered.index_add_(0, self.diag_index, torch.ones_like(self.diag_index))
+        if not bool((covered == 1).all()):
+            raise ValueError("the Kronecker blocks and diag_index must cover every entry of theta once")
+        if not bool((self.diag_precision > 0).all()):
+            raise ValueError("diag_precision must be positive; use a positive prior precision")
+
+    @staticmethod
+    def _slice(b: dict[str, Any]) -> slice:
+        return slice(b["offset"], b["offset"] + b["h_eigvals"].shape[0] * b["q_eigvals"].shape[0])
+
+    @staticmethod
+    def _block_precisions(b: dict[str, Any]) -> torch.Tensor:
+        """``D[i, j] = lam_h[i] lam_q[j] + delta``, shape ``(m, n)``."""
+        return torch.outer(b["h_eigvals"], b["q_eigvals"]) + b["prior_precision"]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    def _dense(self, power: float) -> torch.Tensor:
+        """``P^power`` for ``power = 1`` (precision) or ``-1`` (covariance), ``d x d``."""
+        d = self.loc.shape[0]
+        out = torch.zeros(d, d, dtype=self.loc.dtype, device=self.loc.device)
+        for b in self.blocks:
+            u = torch.kron(b["h_eigvecs"], b["q_eigvecs"])
+            s = self._slice(b)
+            out[s, s] = (u * self._block_precisions(b).reshape(-1) ** power) @ u.mT
+        out[self.diag_index, self.diag_index] = self.diag_precision ** power
+        return out
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Dense and block-diagonal, ``d x d`` (for small ``d``)."""
+        return self._dense(-1.0)
+
+    @property
+    def precision(self) -> torch.Tensor:
+        """The dense block-diagonal precision ``P``, ``d x d`` (for small ``d``)."""
+        return self._dense(1.0)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        var = torch.empty_like(self.loc)
+        for b in self.blocks:
+            inv = 1 / self._block_precisions(b)
+            var[self._slice(b)] = ((b["h_eigvecs"] ** 2) @ inv @ (b["q_eigvecs"] ** 2).mT).reshape(-1)
+        var[self.diag_index] = 1 / self.diag_precision
+        return var
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = standard_normal((n, self.loc.shape[0]), self.loc, generator)
+        noise = torch.empty_like(eps)
+        for b in self.blocks:
+            s, prec = self._slice(b), self._block_precisions(b)
+            scaled = eps[:, s].reshape(n, *prec.shape) * prec.rsqrt()
+            noise[:, s] = (b["h_eigvecs"] @ scaled @ b["q_eigvecs"].mT).reshape(n, -1)
+        noise[:, self.diag_index] = eps[:, self.diag_index] * self.diag_precision.rsqrt()
+        return self.loc + noise
 
 
 class SamplePosterior(Posterior):

@@ -12,15 +12,18 @@ Hessian structures: ``"full"`` (dense ``G``: ``d`` JVPs + ``d`` VJPs per batch, 
 ``O(d^3)`` factorisation), ``"diag"`` (exact ``diag(G)`` from ``d`` JVPs per batch, or an unbiased
 Monte-Carlo estimate from ``diag_probes`` VJPs), ``"lowrank"`` (top-``rank`` eigenpairs of the
 prior-whitened ``G`` by randomised subspace iteration: ``(rank + 10) x 4`` GGN-vector products per
-batch, ``O(d rank)`` memory). ``"kron"`` (KFAC) is refused: it needs the layer inputs and output
-gradients of ``nn.Linear``/``nn.Conv2d`` weights, and adapter parameters (LoRA's ``A``, ``B``, BitFit
-deltas) are not such weights, so an engine that sees only theta cannot build it.
+batch, ``O(d rank)`` memory), ``"kron"`` (KFAC, :mod:`.kron`: a block-diagonal ``G`` with one
+block ``H kron Q`` per parameter whose adapter layer provides Kronecker factors, LoRA's ``A`` and
+``B`` on linear and 2-d conv layers, and a Monte-Carlo diagonal for every other entry; one forward
+and ``diag_probes`` backward passes per batch, ``m^2 + n^2`` memory per ``(m, n)`` parameter;
+eigendecompositions of the factors give the inverse, samples and ``log det P``).
 
 Prior tuning (a scalar ``delta`` then replaces the prior's precision):
 
 * ``"marglik"``: maximise the Laplace evidence
   ``log p(D) ~ log p(D|theta*) + log p(theta*) + d/2 log 2 pi - 1/2 log det P`` over ``delta``.
-  With the eigenvalues ``lam_j`` of ``G`` (the top-``rank`` ones and zeros for ``"lowrank"``) its
+  With the eigenvalues ``lam_j`` of ``G`` (the top-``rank`` ones and zeros for ``"lowrank"``; the
+  products ``lam_h[i] lam_q[j]`` of the factor eigenvalues and the diagonal for ``"kron"``) its
   derivative is ``-(delta ||theta*||^2 - gamma(delta)) / (2 delta)`` with
   ``gamma = sum_j lam_j / (lam_j + delta)``, increasing in ``delta``: the unique maximiser is found
   by bisection on ``log delta``. At a MAP for that ``delta`` this is MacKay's evidence fixed point.
@@ -42,11 +45,12 @@ import torch
 from torch import nn
 
 from ..likelihoods import Categorical, Gaussian, Likelihood
-from ..posterior import (DiagGaussianPosterior, GaussianPosterior,
+from ..posterior import (DiagGaussianPosterior, GaussianPosterior, KronGaussianPosterior,
                          LowRankPrecisionGaussianPosterior, Posterior)
 from ..priors import NormalPrior
 from ..subspace import Subspace
 from .ggn import ggn_diag, ggn_full, ggn_matmul, top_eigen
+from .kron import KronGGN, ggn_kron
 from .objective import batches
 
 HESSIANS = ("full", "diag", "kron", "lowrank")
@@ -70,8 +74,9 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
         lik: ``bc.Gaussian`` (fixed, learned or heteroscedastic) or ``bc.Categorical``.
         prior: ``bc.NormalPrior``; ``None`` means unit precision.
         hessian: ``"full"`` -> :class:`GaussianPosterior`, ``"diag"`` ->
-            :class:`DiagGaussianPosterior`, ``"lowrank"`` -> :class:`LowRankPrecisionGaussianPosterior`
-            (``"kron"`` raises, see the module docstring).
+            :class:`DiagGaussianPosterior`, ``"lowrank"`` -> :class:`LowRankPrecisionGaussianPosterior`,
+            ``"kron"`` -> :class:`KronGaussianPosterior` (KFAC blocks for LoRA factors, a diagonal
+            elsewhere; its prior precision must be constant on each Kronecker block).
         tune_prior: ``None``, ``"marglik"`` or ``"gridsearch"`` (needs ``val_loader``).
         rank: eigenpairs kept by ``"lowrank"``.
         chunk_size: tangent vectors per JVP/VJP call; memory grows with
@@ -82,11 +87,15 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
             ``(B, outputs)``, homoscedastic scalar-sigma Gaussian or ``(B, C)`` Categorical),
             ``"auto"``: laplace-torch where it serves (those cases with fewer than ``d / 8``
             outputs per batch, where reverse-mode Jacobians are cheaper), else ``"jvp"``.
+            ``"kron"`` and ``"lowrank"`` always use this package's engines (``"laplace-torch"``
+            raises for them).
         diag_probes: with ``"diag"``: ``None`` for the exact diagonal, or a number of Rademacher
-            probes for the unbiased estimate.
+            probes for the unbiased estimate. With ``"kron"``: Rademacher probes (backward passes)
+            per batch for the Kronecker gradient factors and the diagonal entries (``None``: 1).
         prior_grid: precisions tried by ``"gridsearch"``.
         n_samples: posterior samples per precision in ``"gridsearch"`` (common random numbers).
-        generator: for the randomised eigensolver, the probes and the grid search samples.
+        generator: for the randomised eigensolver, the probes (``"diag"``, ``"kron"``) and the
+            grid search samples.
         temperature: ``T``; the likelihood is tempered as ``log p(D | theta) / T``, so the GGN and
             the log-likelihood are divided by ``T`` (``T > 1`` widens the posterior: for dense
             outputs whose elements are far from independent, e.g. the pixels of a depth map,
@@ -113,6 +122,9 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
     elif hessian == "diag":
         curv = _DiagCurvature(*ggn_diag(sub, loader, lik, theta, chunk_size, progress,
                                         diag_probes, generator))
+    elif hessian == "kron":
+        curv = _KronCurvature.from_ggn(ggn_kron(sub, loader, lik, theta, diag_probes, progress,
+                                                generator))
     else:
         white = torch.ones_like(theta) if tuned else prec.rsqrt().expand_as(theta)
         log_lik = []
@@ -140,13 +152,8 @@ def fit_laplace(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalP
 
 def _check_args(hessian: str, tune_prior: str | None, val_loader: Iterable | None, backend: str,
                 rank: int) -> None:
-    if hessian == "kron":
-        raise ValueError("hessian='kron' is not available: KFAC factors need the inputs and output "
-                         "gradients of nn.Linear / nn.Conv2d weights, and adapter parameters are not "
-                         "such weights (laplace-torch refuses them too: 'parameters in un-supported "
-                         "layers'); use hessian='lowrank' (dominant correlations) or 'diag'")
     if hessian not in HESSIANS:
-        raise ValueError(f"unknown hessian {hessian!r}; choose one of 'full', 'diag', 'lowrank'")
+        raise ValueError(f"unknown hessian {hessian!r}; choose one of 'full', 'diag', 'kron', 'lowrank'")
     if tune_prior not in TUNERS:
         raise ValueError(f"unknown tune_prior {tune_prior!r}; choose None, 'marglik' or 'gridsearch'")
     if tune_prior == "gridsearch" and val_loader is None:
@@ -235,6 +242,61 @@ class _LowRankCurvature:
             vals, std = vals / prec, prec.rsqrt().expand_as(theta)
         return LowRankPrecisionGaussianPosterior(theta, std, self.vecs, vals, likelihood=lik,
                                                  history=history)
+
+
+class _KronCurvature:
+    """KFAC blocks ``H kron Q`` as eigendecompositions ``(lam_h, U_h)``, ``(lam_q, U_q)``, and a
+    diagonal for the other entries; ``c G`` scales ``lam_h`` (and the diagonal) by ``c``."""
+
+    def __init__(self, blocks: list[dict[str, Any]], diag_index: torch.Tensor, diag: torch.Tensor,
+                 log_lik: torch.Tensor):
+        self.blocks, self.diag_index, self.diag, self.log_lik = blocks, diag_index, diag, log_lik
+
+    @classmethod
+    def from_ggn(cls, ggn: KronGGN) -> "_KronCurvature":
+        blocks = []
+        for b in ggn.blocks:
+            h_vals, h_vecs = _eigh_psd(b.grad_factor)
+            q_vals, q_vecs = _eigh_psd(b.input_factor)
+            blocks.append({"name": b.name, "offset": b.offset, "h_eigvals": h_vals,
+                           "h_eigvecs": h_vecs, "q_eigvals": q_vals, "q_eigvecs": q_vecs})
+        return cls(blocks, ggn.diag_index, ggn.diag.clamp_min(0.0), ggn.log_lik)
+
+    def eigvals(self) -> torch.Tensor:
+        """Every ``lam_h[i] lam_q[j]`` and the diagonal entries: the eigenvalues of ``G``."""
+        return torch.cat([torch.outer(b["h_eigvals"], b["q_eigvals"]).reshape(-1)
+                          for b in self.blocks] + [self.diag])
+
+    def scaled(self, c: float) -> "_KronCurvature":
+        """``c G``, ``c log p``: ``c lam_h`` and ``c diag``."""
+        if c == 1.0:
+            return self
+        blocks = [{**b, "h_eigvals": c * b["h_eigvals"]} for b in self.blocks]
+        return _KronCurvature(blocks, self.diag_index, c * self.diag, c * self.log_lik)
+
+    def posterior(self, theta: torch.Tensor, prec: torch.Tensor, lik: Likelihood,
+                  history: list[dict[str, float]]) -> Posterior:
+        prec = prec.expand_as(theta)
+        blocks = []
+        for b in self.blocks:
+            size = b["h_eigvals"].shape[0] * b["q_eigvals"].shape[0]
+            block_prec = prec[b["offset"]:b["offset"] + size]
+            if not bool((block_prec == block_prec[0]).all()):
+                raise ValueError(f"hessian='kron' needs one prior precision per Kronecker block (a "
+                                 f"per-entry precision breaks the H kron Q + delta I eigenstructure), "
+                                 f"but it varies over {b['name']}: use a scalar NormalPrior(scale=...), "
+                                 f"a prior scale that is constant on each LoRA factor, "
+                                 f"tune_prior='marglik', or hessian='full' / 'diag'")
+            blocks.append({**b, "prior_precision": float(block_prec[0])})
+        return KronGaussianPosterior(theta, blocks, self.diag_index, self.diag + prec[self.diag_index],
+                                     likelihood=lik, history=history)
+
+
+def _eigh_psd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a PSD factor, computed in float64 (float32 ``eigh`` fails to converge on the
+    rank-deficient input factors of wide layers), eigenvalues clamped at 0, in ``mat``'s dtype."""
+    vals, vecs = torch.linalg.eigh(mat.double())
+    return vals.clamp_min(0.0).to(mat.dtype), vecs.to(mat.dtype)
 
 
 # ---------------------------------------------------------------------------- prior tuning
