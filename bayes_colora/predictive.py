@@ -66,7 +66,10 @@ def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
         keep_outputs: keep the ``(S, B, ...)`` raw outputs in ``Predictive.outputs``.
         linearized: evaluate the linearised (GLM) model ``f(x; mean) + J (theta_s - mean)`` at
             each sample, by Jacobian-vector products (see :mod:`.linearized`); the natural
-            predictive for a Laplace posterior.
+            predictive for a Laplace posterior. For a symmetric (Gaussian) posterior the samples
+            are antithetic pairs ``mean +- delta`` (``ceil(S / 2)`` draws), so the linearised
+            outputs average to ``f(x; mean)`` exactly when ``S`` is even: the predictive mean
+            carries no Monte-Carlo noise, and the spread is estimated without bias.
     """
     lik = likelihood or post.likelihood
     if lik is None:
@@ -78,7 +81,13 @@ def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
     lik = lik.to(sub.device)
     x = to_device(x, sub.device)
-    thetas = post.mean[None] if post.is_point_mass else post.sample(n_samples, generator=generator)
+    if post.is_point_mass:
+        thetas = post.mean[None]
+    elif linearized and post.is_symmetric:
+        delta = post.sample((n_samples + 1) // 2, generator=generator) - post.mean
+        thetas = (post.mean + torch.cat([delta, -delta]))[:n_samples]
+    else:
+        thetas = post.sample(n_samples, generator=generator)
     thetas = thetas.to(sub.device, sub.dtype)
     if linearized and not post.is_point_mass:
         outs = linearized_outputs(sub, post.mean.to(thetas), thetas, x, chunk_size).float()

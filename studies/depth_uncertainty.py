@@ -184,9 +184,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             if not todo:
                 continue
             sub = bc.Subspace.from_model(copy.deepcopy(base), E.ADAPTERS[adapter]()).to(args.device)
-            start = time.perf_counter()
-            theta_map, _ = E.adapt(sub, train, lik, settings, progress=progress, seed=args.seed)
-            map_s = time.perf_counter() - start
+            # every engine of this adapter starts from the same MAP, also across resumed runs
+            # (GPU training is not bit-reproducible, so a re-fitted MAP would differ)
+            map_path = os.path.join(args.out, f"theta_map-{model_name}-{adapter}.pt")
+            if os.path.isfile(map_path):
+                theta_map = torch.load(map_path, map_location=args.device)
+                map_s = results["log"].get(f"map_{model_name}_{adapter}_s", 0.0)
+            else:
+                start = time.perf_counter()
+                theta_map, _ = E.adapt(sub, train, lik, settings, progress=progress, seed=args.seed)
+                map_s = time.perf_counter() - start
+                _atomic_write(map_path, lambda tmp: torch.save(theta_map.detach().cpu(), tmp))
+                results["log"][f"map_{model_name}_{adapter}_s"] = map_s
             for engine in todo:
                 print(f"[{model_name} / {adapter} / {engine}] d = {sub.dim}", flush=True)
                 start = time.perf_counter()

@@ -157,3 +157,12 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     done = subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
     assert "d = " not in done.stdout  # no cell was fitted again
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
+    # a lost cell is refitted from the saved MAP (not a re-trained one): the same numbers again
+    saved = json.loads(before)
+    saved["rows"] = [r for r in saved["rows"] if r["engine"] != "swag"]
+    (out / "results.json").write_text(json.dumps(saved))
+    again = subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.stdout.count("d = ") == 1 and "/ swag]" in again.stdout
+    redone = {r["engine"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    old = {r["engine"]: r for r in json.loads(before)["rows"]}
+    assert redone["swag"]["nll"] == pytest.approx(old["swag"]["nll"], rel=1e-5)

@@ -62,7 +62,7 @@ class EngineSettings:
     prior_scale: float = 1.0
     laplace_probes: int = 16
     laplace_grid: tuple[float, ...] = tuple(10.0 ** e for e in range(-2, 7))
-    laplace_temperatures: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4)
+    laplace_temperatures: tuple[float, ...] = (1.0, 1e2, 1e3, 1e4, 1e5, 1e6)
     swag_epochs: int = 10
     swag_lr: float = 2e-4
     swag_rank: int = 10
