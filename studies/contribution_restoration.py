@@ -6,13 +6,32 @@ r"""Contribution-based CoLoRA for real-noise denoising (Wu et al. 2024), with Ba
 2. For each number of training pairs n (PolyU real noisy / clean, random crops): full
    fine-tuning, uniform-rank LoRA, and ContributionLoRA at the uniform LoRA's parameter budget,
    with ranks from FAIG layer contributions (``bc.contribution_scores``, integrated gradients
-   from the pre-trained to the fully fine-tuned network); then Laplace (low-rank GGN, marginal-
-   likelihood prior) and SWAG posteriors over the ContributionLoRA parameters.
+   from the pre-trained to the fully fine-tuned network); then Laplace (GGN diagonal from
+   Rademacher probes) and SWAG posteriors over the ContributionLoRA parameters.
 3. PSNR / SSIM on held-out pairs, trainable parameters, and how well the per-pixel predictive
    std ranks the actual errors (AUSE / AURG, RMSE sparsification).
 
 The test set is a fixed set of held-out pairs (the last ``test_pairs`` of a seeded permutation);
-training pairs are the first n of the rest, so the sets for growing n are nested.
+training pairs are the first n of the rest, so the sets for growing n are nested. Every method
+trains on the left part of each training pair; the right ``val_width`` columns are a validation
+strip, never trained on, from which fixed crops tune the Bayesian posteriors' width.
+
+The independent-pixel likelihood counts every pixel of a crop as separate evidence, although
+neighbouring errors are strongly correlated, so the posterior over the adapter can come out too
+narrow and its epistemic variance negligible next to the aleatoric one. ``--tune validation``
+(the default) therefore chooses the Laplace prior precision ``delta`` and temperature ``T``
+jointly (``bc.fit_laplace(..., tune_prior="gridsearch", temperature_grid=...)``: covariance
+``(G / T + delta)^{-1}``) and a SWAG covariance scale ``s`` (``Sigma -> s Sigma``), each by the
+Gaussian NLL of the predictive on the validation crops. ``--tune marglik`` is the untempered
+baseline: the marginal-likelihood ``delta`` at ``T = 1`` and SWAG as fitted.
+
+Resuming: each finished cell (one method at one n) goes into ``OUT/results.json`` at once
+(atomically), with the FAIG scores and the rank allocation of its n; the pre-trained network is
+saved to ``OUT/pretrained.pt`` right after pre-training and the ContributionLoRA MAP to
+``OUT/map_n{n}.pt``. A rerun with the same ``--out`` (and the same settings; ``--pairs`` may
+differ) reuses them and computes only the missing cells. Every cell seeds its own random
+numbers, so a resumed cell reproduces what an uninterrupted run computes (on the same device).
+``results.md`` is rewritten after every cell, the figures at the end of every run.
 
 ``--quick`` runs on synthetic data (procedural images with signal-dependent noise) on the CPU
 in under 3 minutes. The full run (``--data``) needs ``polyu/`` and ``clean/`` under the data
@@ -23,28 +42,47 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
+import math
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import bayes_colora as bc
+from bayes_colora import metrics as M
 from bayes_colora import restoration as R
 from bayes_colora.adapters.contribution import lora_shape
 from bayes_colora.contribution import finetune, scored_layers
+from bayes_colora.depth.metrics import DEFAULT_FRACTIONS, sparsification_curve
+from bayes_colora.posterior import LowRankGaussianPosterior
 from bayes_colora.predictive import Predictive
 from bayes_colora.subspace import _atomic_write
 
+# Laplace (delta, T) and SWAG scale grids, searched on the validation crops (coarser for --quick)
+GRIDS = dict(prior_grid=[10.0 ** e for e in range(-1, 6)],
+             temperature_grid=[10.0 ** (e / 2) for e in range(0, 11)],
+             swag_scales=[10.0 ** (e / 2) for e in range(-2, 9)])
+QUICK_GRIDS = dict(prior_grid=GRIDS["prior_grid"], temperature_grid=[10.0 ** e for e in range(0, 6)],
+                   swag_scales=[10.0 ** e for e in range(-1, 5)])
 QUICK = dict(model="tiny", pairs=(8, 16), test_pairs=8, image=64, crop=32, crops_per_epoch=64,
              batch=8, epochs=10, swag_epochs=3, pretrain_steps=400, pretrain_seconds=None,
              pretrain_crop=32, pretrain_batch=8, procedural=48, ig_steps=4, ig_batches=2,
-             laplace_rank=8, samples=8, workers=0, lr_lora=2e-3, lr_full=5e-4)
+             laplace_rank=8, samples=8, workers=0, lr_lora=2e-3, lr_full=5e-4,
+             val_width=16, val_crops=16, example=64, **QUICK_GRIDS)
 FULL = dict(model="small", pairs=(16, 32, 64), test_pairs=16, image=None, crop=64, crops_per_epoch=512,
             batch=16, epochs=20, swag_epochs=8, pretrain_steps=100000, pretrain_seconds=90.0,
             pretrain_crop=64, pretrain_batch=32, procedural=256, ig_steps=16, ig_batches=4,
-            laplace_rank=20, samples=16, workers=8, lr_lora=2e-3, lr_full=3e-4)
+            laplace_rank=20, samples=16, workers=8, lr_lora=2e-3, lr_full=3e-4,
+            val_width=64, val_crops=64, example=192, **GRIDS)
+# the cells of one n, in the order they run and appear in the table
+CELLS = {"noisy": "noisy input", "pretrained": "pre-trained (PROD)", "full": "full fine-tuning",
+         "uniform": "LoRA, uniform rank {rank}", "map": "ContributionLoRA (MAP)",
+         "laplace": "ContributionLoRA + Laplace", "swag": "ContributionLoRA + SWAG"}
+ORDER = list(CELLS)
 
 
 def synthetic_pairs(n: int, size: int, seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -66,210 +104,459 @@ def split(pairs: list, test_pairs: int, seed: int) -> tuple[list, list]:
     return pool, test
 
 
-def loader_of(pairs: list, cfg: dict, seed: int, per: int | None = None, shuffle: bool = True):
-    """Random crops of ``pairs``: ``per`` per pair, by default ``crops_per_epoch / len(pairs)``
-    (so every n trains for the same number of steps)."""
-    per = per or max(1, cfg["crops_per_epoch"] // len(pairs))
-    ds = R.PairCrops([(a, b) for _, a, b in pairs], cfg["crop"], per, seed)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg["batch"], shuffle=shuffle,
-                                       generator=torch.Generator().manual_seed(seed))
-
-
-def evaluate(predict_fn, test: list, device: str) -> tuple[dict[str, float], Predictive, torch.Tensor]:
+def evaluate(predict_fn: Callable, test: list, device: str) -> tuple[dict[str, float], Predictive]:
     """Metrics over the test pairs, evaluated one image at a time."""
     preds = [predict_fn(a[None].to(device)).to("cpu") for _, a, _ in test]
     pred = Predictive(*(torch.cat([getattr(p, f) for p in preds]) for f in
                         ("mean", "aleatoric", "epistemic", "total")))
-    clean = torch.stack([b for _, _, b in test])
-    return R.evaluate_restoration(pred, clean), pred, clean
+    return R.evaluate_restoration(pred, torch.stack([b for _, _, b in test])), pred
 
 
-def plain_predictor(model, lik):
+def plain_predictor(model: torch.nn.Module, lik: bc.Gaussian) -> Callable:
     @torch.no_grad()
     def fn(x):
         return Predictive(**lik.moments(model(x)[None].float()))
     return fn
 
 
+def scaled_swag(post: LowRankGaussianPosterior, scale: float) -> LowRankGaussianPosterior:
+    """SWAG's Gaussian with its covariance ``diag(v) + F F^T`` multiplied by ``scale``."""
+    return LowRankGaussianPosterior(post.loc, scale * post.diag_var, math.sqrt(scale) * post.factor,
+                                    likelihood=post.likelihood, history=post.history)
+
+
+def validation_nll(sub: bc.Subspace, post, val: DataLoader, n_samples: int, seed: int) -> float:
+    """Mean Gaussian NLL per element of ``N(pred.mean, pred.total)`` over ``val``; batch ``i``
+    draws its samples from a generator seeded ``seed + i`` (common random numbers across
+    posteriors, so a grid search compares like with like)."""
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(val):
+        gen = torch.Generator(device=sub.device).manual_seed(seed + i)
+        pred = bc.predict(sub, post, x.to(sub.device), n_samples, generator=gen, chunk_size=4)
+        total += M.gaussian_nll(pred.mean, pred.total, y.to(pred.mean)) * y.numel()
+        count += y.numel()
+    return total / count
+
+
+class Results:
+    """``OUT/results.json``: the finished cells (``rows``, one per method and n), the FAIG scores
+    and rank allocations per n, the pre-training record and one record per run, saved atomically
+    after every change; ``results.md`` follows every save. ``config`` holds every setting a cell
+    depends on; a rerun with other settings is refused rather than mixed in."""
+
+    def __init__(self, out: Path, config: dict, device: str, pairs: list[int]):
+        self.out, self.path, self.t0 = out, out / "results.json", time.perf_counter()
+        config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            old = self.data["config"]
+            diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+                    if old.get(k) != config.get(k)]
+            if diff:
+                raise SystemExit(f"error: {self.path} was made with other settings ({'; '.join(diff)}); "
+                                 f"pass the same flags to resume it, or another --out to start anew")
+        else:
+            self.data = {"config": config, "network_params": None, "pretrain": None, "runs": [],
+                         "rows": [], "scores": {}, "allocation": {}}
+        self.data["runs"].append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "device": device, "pairs": pairs, "cells": []})
+        self.run = len(self.data["runs"])
+
+    def get(self, n: int, key: str) -> dict | None:
+        return next((r for r in self.data["rows"] if r["pairs"] == n and r["key"] == key), None)
+
+    def put(self, row: dict, **sections: dict) -> None:
+        """Add (or replace) the row of cell ``(row["pairs"], row["key"])`` and merge ``sections``
+        (e.g. ``scores={"16": {...}}``) into the top level; then save."""
+        row = {**row, "run": self.run}
+        rows = [r for r in self.data["rows"] if (r["pairs"], r["key"]) != (row["pairs"], row["key"])]
+        self.data["rows"] = sorted(rows + [row], key=lambda r: (r["pairs"], ORDER.index(r["key"])))
+        for name, values in sections.items():
+            self.data[name].update(values)
+        self.data["runs"][-1]["cells"].append(f"{row['pairs']}/{row['key']}")
+        self.save()
+
+    def save(self) -> None:
+        self.data["runs"][-1]["seconds"] = round(time.perf_counter() - self.t0, 1)
+        _atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.data, indent=1)))
+        write_table(self.data, self.out)
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> float:
+    """``sum |w|`` over all floating-point entries, in float64: tells two networks apart."""
+    return sum(float(v.double().abs().sum()) for v in state.values() if v.is_floating_point())
+
+
+class Study:
+    """The cells of the study and what they share (data, pre-trained network, results)."""
+
+    def __init__(self, args: argparse.Namespace, cfg: dict, pool: list, test: list,
+                 results: Results, model: torch.nn.Module):
+        self.args, self.cfg, self.pool, self.test, self.results = args, cfg, pool, test, results
+        self.model, self.device, self.progress = model, args.device, not args.no_progress
+        self.out = Path(args.out)
+        self.lik = bc.Gaussian(heteroscedastic=True, dim=1)
+        self.prior = bc.NormalPrior(scale=1.0)
+        self.n_total = sum(p.numel() for p in model.parameters())
+        conv_cost = sum(sum(lora_shape(l)) for l in scored_layers(model, types=(torch.nn.Conv2d,)).values())
+        self.rank = max(1, round(args.budget * self.n_total / conv_cost))
+
+    # ------------------------------------------------------------------ data
+    def train_pairs(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n pool pairs without their right ``val_width`` columns."""
+        w = self.cfg["val_width"]
+        return [(a[..., :a.shape[-1] - w], b[..., :b.shape[-1] - w]) for _, a, b in self.pool[:n]]
+
+    def loader(self, n: int, per: int | None = None, shuffle: bool = True, offset: int = 0) -> DataLoader:
+        """Random crops of the training part of n pairs: ``per`` per pair, by default
+        ``crops_per_epoch / n`` (so every n trains for the same number of steps). A fresh loader
+        with a fixed seed, so each cell sees the same crops whatever ran before it."""
+        seed = self.args.seed + n + offset
+        per = per or max(1, self.cfg["crops_per_epoch"] // n)
+        ds = R.PairCrops(self.train_pairs(n), self.cfg["crop"], per, seed)
+        return DataLoader(ds, batch_size=self.cfg["batch"], shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def val_loader(self, n: int) -> DataLoader:
+        """``val_crops`` fixed ``crop x val_width`` windows of the validation strips of the n
+        training pairs (pair ``i % n`` for window ``i``, at a seeded random height), in fixed
+        batches."""
+        w, h, g = self.cfg["val_width"], self.cfg["crop"], torch.Generator().manual_seed(self.args.seed + 7919 * n)
+        xs, ys = [], []
+        for i in range(self.cfg["val_crops"]):
+            _, a, b = self.pool[i % n]
+            top = int(torch.randint(a.shape[-2] - h + 1, (), generator=g))
+            xs.append(a[..., top:top + h, a.shape[-1] - w:])
+            ys.append(b[..., top:top + h, b.shape[-1] - w:])
+        return DataLoader(TensorDataset(torch.stack(xs), torch.stack(ys)), batch_size=self.cfg["batch"],
+                          shuffle=False)
+
+    # ------------------------------------------------------------------ helpers
+    def seed(self, n: int, key: str) -> int:
+        """Seed the global RNG for cell ``(n, key)`` and return the seed."""
+        s = self.args.seed * 1_000_003 + 101 * n + ORDER.index(key)
+        torch.manual_seed(s)
+        return s
+
+    def contribution_subspace(self, n: int) -> tuple[bc.Subspace, bc.ContributionLoRA]:
+        """ContributionLoRA on the pre-trained network at the uniform LoRA's budget, ranks from
+        the stored FAIG scores of n."""
+        uni = bc.Subspace.from_model(copy.deepcopy(self.model), bc.LoRA(rank=self.rank, types=(torch.nn.Conv2d,)))
+        spec = bc.ContributionLoRA(budget=uni.dim, scores=self.results.data["scores"][str(n)],
+                                   types=(torch.nn.Conv2d,))
+        return bc.Subspace.from_model(copy.deepcopy(self.model), spec), spec
+
+    def map_theta(self, n: int, dim: int) -> torch.Tensor:
+        theta = torch.load(self.out / f"map_n{n}.pt", map_location=self.device)
+        if theta.shape != (dim,):
+            raise SystemExit(f"error: {self.out / f'map_n{n}.pt'} holds {tuple(theta.shape)} parameters, the "
+                             f"ContributionLoRA has {dim}; delete it and its rows to recompute them")
+        return theta
+
+    def record(self, n: int, key: str, params: int, predict_fn: Callable, started: float,
+               sections: dict | None = None, **extra) -> dict:
+        """Evaluate on the test pairs, keep an example (MAP and Bayesian cells), store the row."""
+        metrics, pred = evaluate(predict_fn, self.test, self.device)
+        clean = torch.stack([b for _, _, b in self.test])
+        err, unc = R.pixel_error_and_uncertainty(pred.mean, pred.total, clean)
+        row = {"pairs": n, "key": key, "method": CELLS[key].format(rank=self.rank), "params": params,
+               **metrics, **extra,
+               "sparsification": [round(v, 7) for v in sparsification_curve(err, unc, reduce="rms").mean(0).tolist()],
+               "oracle": [round(v, 7) for v in sparsification_curve(err, err, reduce="rms").mean(0).tolist()]}
+        if key in ("map", "laplace", "swag"):
+            self.save_example(n, key, pred)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        self.results.put(row, **(sections or {}))
+        tuned = {k: v for k, v in extra.items() if k in ("prior_precision", "temperature", "swag_scale")}
+        print(f"n = {n}: {row['method']}: {row['seconds']:.0f} s, PSNR {row['psnr']:.2f}, AURG "
+              f"{row['aurg']:.4f} (aleatoric {row['aurg_aleatoric']:.4f}, epistemic "
+              f"{row['aurg_epistemic']:.4f}) {tuned or ''}", flush=True)
+        return row
+
+    def save_example(self, n: int, key: str, pred: Predictive) -> None:
+        """The central ``example`` square of test image 0, float16: noisy, clean, restored mean,
+        and the per-pixel RMS total and epistemic std."""
+        crop = lambda t: R.center_crop(t, self.cfg["example"]).half()  # noqa: E731
+        _, noisy, clean = self.test[0]
+        ex = {"noisy": crop(noisy), "clean": crop(clean), "mean": crop(pred.mean[0]),
+              "std": crop(pred.total[0].mean(0).sqrt()), "epistemic": crop(pred.epistemic[0].mean(0).sqrt())}
+        _atomic_write(self.out / f"example_n{n}_{key}.pt", lambda tmp: torch.save(ex, tmp))
+
+    # ------------------------------------------------------------------ cells
+    def noisy(self, n: int) -> None:
+        noisy, clean = torch.stack([a for _, a, _ in self.test]), torch.stack([b for _, _, b in self.test])
+        self.results.put({"pairs": n, "key": "noisy", "method": CELLS["noisy"], "params": 0,
+                          "psnr": R.psnr(noisy, clean), "ssim": R.ssim(noisy, clean)})
+
+    def pretrained(self, n: int) -> None:
+        self.record(n, "pretrained", 0, plain_predictor(self.model, self.lik), time.perf_counter())
+
+    def full(self, n: int) -> None:
+        """Full fine-tuning, then the FAIG scores along the path to it (saved with the row)."""
+        t0, _ = time.perf_counter(), self.seed(n, "full")
+        loader = self.loader(n)
+        full = finetune(self.model, loader, R.gaussian_nll_loss, steps=self.cfg["epochs"] * len(loader),
+                        lr=self.cfg["lr_full"], progress=self.progress)
+        scores = bc.contribution_scores(self.model, self.loader(n, offset=500), R.gaussian_nll_loss,
+                                        finetuned=full, steps=self.cfg["ig_steps"], types=(torch.nn.Conv2d,),
+                                        max_batches=self.cfg["ig_batches"], progress=self.progress)
+        self.record(n, "full", self.n_total, plain_predictor(full, self.lik), t0,
+                    sections={"scores": {str(n): scores}})
+
+    def uniform(self, n: int) -> None:
+        t0, _ = time.perf_counter(), self.seed(n, "uniform")
+        uni = bc.Subspace.from_model(copy.deepcopy(self.model), bc.LoRA(rank=self.rank, types=(torch.nn.Conv2d,)))
+        post = bc.fit_map(uni, self.loader(n), self.lik, prior=self.prior, epochs=self.cfg["epochs"],
+                          lr=self.cfg["lr_lora"], progress=self.progress)
+        self.record(n, "uniform", uni.dim, lambda x: bc.predict(uni, post, x), t0)
+
+    def map(self, n: int) -> None:
+        """ContributionLoRA MAP; theta saved to ``map_n{n}.pt`` for the Bayesian cells."""
+        t0, _ = time.perf_counter(), self.seed(n, "map")
+        sub, spec = self.contribution_subspace(n)
+        post = bc.fit_map(sub, self.loader(n), self.lik, prior=self.prior, epochs=self.cfg["epochs"],
+                          lr=self.cfg["lr_lora"], progress=self.progress)
+        theta = sub.theta.detach().cpu()
+        _atomic_write(self.out / f"map_n{n}.pt", lambda tmp: torch.save(theta, tmp))
+        self.record(n, "map", sub.dim, lambda x: bc.predict(sub, post, x), t0,
+                    sections={"allocation": {str(n): spec.allocation()}})
+
+    def laplace(self, n: int) -> None:
+        """Laplace at the MAP (diagonal or low-rank GGN): ``(delta, T)`` by validation NLL, or
+        the marginal-likelihood ``delta`` at ``T = 1`` (``--tune marglik``)."""
+        t0, s = time.perf_counter(), self.seed(n, "laplace")
+        sub, _ = self.contribution_subspace(n)
+        sub.theta = self.map_theta(n, sub.dim)
+        if self.args.tune == "marglik":
+            tune = dict(tune_prior="marglik")
+        else:
+            tune = dict(tune_prior="gridsearch", val_loader=self.val_loader(n), n_samples=self.cfg["samples"],
+                        prior_grid=self.cfg["prior_grid"], temperature_grid=self.cfg["temperature_grid"])
+        post = bc.fit_laplace(sub, self.loader(n, per=1, shuffle=False, offset=1000), self.lik, prior=self.prior,
+                              hessian=self.args.laplace, rank=self.cfg["laplace_rank"],
+                              diag_probes=self.cfg["laplace_rank"], chunk_size=16, progress=self.progress,
+                              generator=torch.Generator(device=self.device).manual_seed(s), **tune)
+        rec = post.history[-1]
+        gen = torch.Generator(device=self.device).manual_seed(s)
+        # linearised, with antithetic samples: for even S the mean is f(x; theta*) exactly
+        self.record(n, "laplace", sub.dim,
+                    lambda x: bc.predict(sub, post, x, n_samples=self.cfg["samples"], linearized=True,
+                                         generator=gen, chunk_size=4), t0,
+                    prior_precision=rec.get("prior_precision"), temperature=rec["temperature"])
+
+    def swag(self, n: int) -> None:
+        """SWAG (Adam) from the MAP; its covariance scale by validation NLL (``--tune validation``)."""
+        t0, s = time.perf_counter(), self.seed(n, "swag")
+        sub, _ = self.contribution_subspace(n)
+        sub.theta = self.map_theta(n, sub.dim)
+        loader = self.loader(n)
+        post = bc.fit_swag(sub, loader, self.lik, prior=self.prior, epochs=self.cfg["swag_epochs"],
+                           lr=self.cfg["lr_lora"] / 4, optimizer="adam", rank=10,
+                           collect=max(1, len(loader) // 2), progress=self.progress)
+        extra = {"swag_scale": 1.0}
+        if self.args.tune == "validation":
+            val = self.val_loader(n)
+            nll = {c: validation_nll(sub, scaled_swag(post, c), val, self.cfg["samples"], s)
+                   for c in self.cfg["swag_scales"]}
+            extra = {"swag_scale": min(nll, key=nll.get), "swag_val_nll": [round(v, 5) for v in nll.values()]}
+        post = scaled_swag(post, extra["swag_scale"])
+        gen = torch.Generator(device=self.device).manual_seed(s)
+        self.record(n, "swag", sub.dim,
+                    lambda x: bc.predict(sub, post, x, n_samples=self.cfg["samples"], generator=gen,
+                                         chunk_size=4), t0, **extra)
+
+
+def load_data(args: argparse.Namespace, cfg: dict) -> tuple[list, list]:
+    """``(pairs, clean images)``: PolyU and ``DATA/clean`` (real), or synthetic pairs and none."""
+    if args.data is None:
+        return synthetic_pairs(max(cfg["pairs"]) + cfg["test_pairs"], cfg["image"], args.seed + 1), []
+    data = Path(args.data)
+    pairs = R.polyu_pairs(data / "polyu")
+    clean = R.clean_images(data / "clean", min_size=cfg["pretrain_crop"]) if (data / "clean").is_dir() else []
+    if cfg["image"]:  # quick on real data: central crops keep the CPU time small
+        pairs = [(n, R.center_crop(a, cfg["image"]), R.center_crop(b, cfg["image"])) for n, a, b in pairs]
+    return pairs, clean
+
+
+def pretrained_network(args: argparse.Namespace, cfg: dict, results: Results, clean: list) -> torch.nn.Module:
+    """The PROD-pre-trained NAFNet: loaded from ``--pretrained`` or ``OUT/pretrained.pt`` when
+    one exists (checked against the fingerprint in results.json), else trained and saved to
+    ``OUT/pretrained.pt`` at once."""
+    out, device = Path(args.out), args.device
+    model = R.nafnet(cfg["model"]).to(device)
+    own = out / "pretrained.pt"
+    source = Path(args.pretrained) if args.pretrained and Path(args.pretrained).exists() else own
+    record = results.data["pretrain"]
+    if source.exists():
+        state = torch.load(source, map_location="cpu")
+        fingerprint = state_fingerprint(state)
+        if record and not math.isclose(fingerprint, record["fingerprint"], rel_tol=1e-9):
+            raise SystemExit(f"error: {source} is not the network the cells in {results.path} were "
+                             f"computed with; pass the same weights, or another --out")
+        model.load_state_dict(state)
+        if source != own:
+            _atomic_write(own, lambda tmp: torch.save(state, tmp))
+        print(f"loaded the pre-trained network from {source}", flush=True)
+        if not record:
+            results.data["pretrain"] = {"source": str(source), "fingerprint": fingerprint}
+    else:
+        if results.data["rows"]:
+            raise SystemExit(f"error: {results.path} holds finished cells but {own} is missing; put the "
+                             f"pre-trained weights back, or use another --out")
+        g = torch.Generator().manual_seed(args.seed)
+        side = 128 if args.data is not None and not args.quick else cfg["pretrain_crop"] * 2
+        t0 = time.perf_counter()
+        losses = R.pretrain(model, clean + list(R.procedural_images(cfg["procedural"], side, g)),
+                            steps=cfg["pretrain_steps"], seconds=cfg["pretrain_seconds"],
+                            batch_size=cfg["pretrain_batch"], crop=cfg["pretrain_crop"],
+                            workers=cfg["workers"], seed=args.seed, progress=not args.no_progress)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        _atomic_write(own, lambda tmp: torch.save(state, tmp))
+        results.data["pretrain"] = {"source": "trained", "steps": len(losses), "final_loss": losses[-1],
+                                    "seconds": round(time.perf_counter() - t0, 1),
+                                    "fingerprint": state_fingerprint(state)}
+        print(f"pre-trained for {len(losses)} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    results.data["network_params"] = sum(p.numel() for p in model.parameters())
+    results.save()
+    return model
+
+
 def run(args: argparse.Namespace) -> dict:
+    """Compute every cell of ``--pairs`` that ``OUT/results.json`` does not hold yet; returns
+    the results."""
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("epochs", "pretrain_seconds"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.pairs:
         cfg["pairs"] = tuple(args.pairs)
-    device, progress = args.device, not args.no_progress
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    real = args.data is not None
-    t0 = time.perf_counter()
-
-    # ---------------------------------------------------------------- data
-    if real:
-        data = Path(args.data)
-        pairs = R.polyu_pairs(data / "polyu")
-        clean = R.clean_images(data / "clean", min_size=cfg["pretrain_crop"]) if (data / "clean").is_dir() else []
-        if cfg["image"]:  # quick on real data: central crops keep the CPU time small
-            pairs = [(n, R.center_crop(a, cfg["image"]), R.center_crop(b, cfg["image"])) for n, a, b in pairs]
-    else:
-        pairs = synthetic_pairs(max(cfg["pairs"]) + cfg["test_pairs"], cfg["image"], args.seed + 1)
-        clean = []
+    pairs, clean = load_data(args, cfg)
     pool, test = split(pairs, cfg["test_pairs"], args.seed)
     if max(cfg["pairs"]) > len(pool):
         raise ValueError(f"--pairs {max(cfg['pairs'])} exceeds the {len(pool)} training pairs available")
-    side = 128 if real and not args.quick else cfg["pretrain_crop"] * 2
-    procedural = list(R.procedural_images(cfg["procedural"], side, g))
-
-    # ---------------------------------------------------------------- PROD pre-training
-    model = R.nafnet(cfg["model"]).to(device)
-    n_total = sum(p.numel() for p in model.parameters())
-    if args.pretrained and os.path.exists(args.pretrained):
-        model.load_state_dict(torch.load(args.pretrained, map_location=device))
-        losses = []
-    else:
-        losses = R.pretrain(model, clean + procedural, steps=cfg["pretrain_steps"],
-                            seconds=cfg["pretrain_seconds"], batch_size=cfg["pretrain_batch"],
-                            crop=cfg["pretrain_crop"], workers=cfg["workers"], seed=args.seed,
-                            progress=progress)
-        state = {k: v.cpu() for k, v in model.state_dict().items()}
-        _atomic_write(Path(args.out) / "pretrained.pt", lambda tmp: torch.save(state, tmp))
-    t_pre = time.perf_counter() - t0
-    print(f"pre-trained {n_total} parameters for {len(losses)} steps in {t_pre:.0f} s", flush=True)
-
-    lik = bc.Gaussian(heteroscedastic=True, dim=1)
-    prior = bc.NormalPrior(scale=1.0)
-    rows, allocation, examples = [], {}, {}
-    # references, the same for every n: the noisy input and the pre-trained network
-    noisy, target = torch.stack([a for _, a, _ in test]), torch.stack([b for _, _, b in test])
-    reference = [{"method": "noisy input", "params": 0, "psnr": R.psnr(noisy, target),
-                  "ssim": R.ssim(noisy, target)},
-                 {"method": "pre-trained (PROD)", "params": 0,
-                  **evaluate(plain_predictor(model, lik), test, device)[0]}]
+    config = {k: v for k, v in cfg.items() if k != "pairs"}
+    config.update(data="synthetic" if args.data is None else "real", seed=args.seed, budget=args.budget,
+                  laplace=args.laplace, tune=args.tune)
+    results = Results(Path(args.out), config, args.device, list(cfg["pairs"]))
+    model = pretrained_network(args, cfg, results, clean)
+    study = Study(args, cfg, pool, test, results, model)
     for n in cfg["pairs"]:
-        tn = time.perf_counter()
-        train = pool[:n]
-        loader = loader_of(train, cfg, args.seed + n)
-        rows += [{"pairs": n, **r} for r in reference]
-        # ---- full fine-tuning
-        epochs = cfg["epochs"]
-        full = finetune(model, loader, R.gaussian_nll_loss, steps=epochs * len(loader),
-                        lr=cfg["lr_full"], progress=progress)
-        m, _, _ = evaluate(plain_predictor(full, lik), test, device)
-        rows.append({"pairs": n, "method": "full fine-tuning", "params": n_total, **m})
-        # ---- uniform-rank LoRA at about 7% of the network
-        conv_cost = sum(sum(lora_shape(l)) for l in
-                        scored_layers(model, types=(torch.nn.Conv2d,)).values())
-        rank = max(1, round(args.budget * n_total / conv_cost))
-        uni = bc.Subspace.from_model(copy.deepcopy(model), bc.LoRA(rank=rank, types=(torch.nn.Conv2d,)))
-        bc.fit_map(uni, loader, lik, prior=prior, epochs=epochs, lr=cfg["lr_lora"], progress=progress)
-        m, _, _ = evaluate(lambda x: bc.predict(uni, bc.DiracPosterior(uni.theta, likelihood=lik), x), test, device)
-        rows.append({"pairs": n, "method": f"LoRA, uniform rank {rank}", "params": uni.dim, **m})
-        # ---- ContributionLoRA at the same budget
-        scores = bc.contribution_scores(model, loader, R.gaussian_nll_loss, finetuned=full,
-                                        steps=cfg["ig_steps"], types=(torch.nn.Conv2d,),
-                                        max_batches=cfg["ig_batches"], progress=progress)
-        spec = bc.ContributionLoRA(budget=uni.dim, scores=scores, types=(torch.nn.Conv2d,))
-        sub = bc.Subspace.from_model(copy.deepcopy(model), spec)
-        allocation[n] = spec.allocation()
-        map_post = bc.fit_map(sub, loader, lik, prior=prior, epochs=epochs, lr=cfg["lr_lora"],
-                              progress=progress)
-        m, pred_map, clean_t = evaluate(lambda x: bc.predict(sub, map_post, x), test, device)
-        rows.append({"pairs": n, "method": "ContributionLoRA (MAP)", "params": sub.dim, **m})
-        # ---- Bayesian ContributionLoRA: Laplace, then SWAG
-        lap_loader = loader_of(train, cfg, args.seed + 1000 + n, per=1, shuffle=False)
-        lap = bc.fit_laplace(sub, lap_loader, lik, prior=prior, hessian=args.laplace,
-                             rank=cfg["laplace_rank"], diag_probes=cfg["laplace_rank"],
-                             tune_prior="marglik", chunk_size=16, progress=progress,
-                             generator=torch.Generator(device=device).manual_seed(n))
-        print(f"Laplace ({args.laplace}) prior precision {lap.history[-1].get('prior_precision')}", flush=True)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        m, pred_lap, _ = evaluate(lambda x: bc.predict(sub, lap, x, n_samples=cfg["samples"], linearized=True,
-                                                        generator=gen, chunk_size=4), test, device)
-        rows.append({"pairs": n, "method": "ContributionLoRA + Laplace", "params": sub.dim, **m})
-        swag = bc.fit_swag(sub, loader, lik, prior=prior, epochs=cfg["swag_epochs"], lr=cfg["lr_lora"] / 4,
-                           optimizer="adam", rank=10, collect=max(1, len(loader) // 2), progress=progress)
-        m, pred_swag, _ = evaluate(lambda x: bc.predict(sub, swag, x, n_samples=cfg["samples"],
-                                                         generator=gen, chunk_size=4), test, device)
-        rows.append({"pairs": n, "method": "ContributionLoRA + SWAG", "params": sub.dim, **m})
-        examples[n] = (noisy[0], pred_map, pred_lap, pred_swag, clean_t)
-        print(f"n = {n}: done in {time.perf_counter() - tn:.0f} s", flush=True)
-    return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-            "data": "synthetic" if not real else str(args.data), "device": device,
-            "network_params": n_total, "pretrain_steps": len(losses),
-            "pretrain_final_loss": losses[-1] if losses else None, "rows": rows,
-            "allocation": {str(k): v for k, v in allocation.items()},
-            "seconds": time.perf_counter() - t0}, examples
+        for key in ORDER:
+            done = results.get(n, key)
+            if done is not None:
+                print(f"n = {n}: {done['method']}: done in run {done['run']}, skipped", flush=True)
+                continue
+            if key in ("laplace", "swag") and not (Path(args.out) / f"map_n{n}.pt").exists():
+                print(f"n = {n}: map_n{n}.pt is missing: computing the MAP again", flush=True)
+                study.map(n)
+            getattr(study, key)(n)
+    return results.data
 
 
-def write_outputs(result: dict, examples: dict, out: Path) -> list[Path]:
+# ---------------------------------------------------------------------------------- outputs
+COLUMNS = ["pairs", "method", "params", "psnr", "ssim", "nll", "ause", "aurg", "aurg_aleatoric", "aurg_epistemic"]
+
+
+def write_table(result: dict, out: Path) -> Path:
+    """``results.md``: the table of all rows, the tuned posterior widths, and the rank allocation
+    at the largest n that has one."""
+    fine = ("ssim", "ause", "aurg", "aurg_aleatoric", "aurg_epistemic")  # printed with 4 decimals
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in result["rows"]:
+        cells = [f"{r[c]:.4f}" if isinstance(r.get(c), float) and c in fine
+                 else f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    tuned = {(r["pairs"], r["key"]): r for r in result["rows"] if r["key"] in ("laplace", "swag")}
+    if tuned:
+        lines += ["", f"Posterior width (tune: {result['config']['tune']}):", "",
+                  "| pairs | Laplace prior precision | Laplace temperature | SWAG covariance scale |",
+                  "|---|---|---|---|"]
+        for n in sorted({n for n, _ in tuned}):
+            lap, swag = tuned.get((n, "laplace"), {}), tuned.get((n, "swag"), {})
+            fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+            lines.append(f"| {n} | {fmt(lap.get('prior_precision'))} | {fmt(lap.get('temperature'))} | "
+                         f"{fmt(swag.get('swag_scale'))} |")
+    if result["allocation"]:
+        last = max(result["allocation"], key=int)
+        lines += ["", f"Rank allocation of ContributionLoRA at {last} pairs (FAIG score, rank / max rank):", "",
+                  "| layer | score | rank | max rank | params |", "|---|---|---|---|---|"]
+        lines += [f"| {a['layer']} | {a['score']:.3g} | {a['rank']} | {a['max_rank']} | {a['params']} |"
+                  for a in result["allocation"][last]]
+    path = out / "results.md"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def write_figures(result: dict, out: Path) -> list[Path]:
+    """The figures, from ``results.json``'s content and the ``example_n*.pt`` files alone:
+    PSNR against n, the rank allocation, the uncertainty example and the sparsification curves
+    (the last three at the largest n that has what they show)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bayes_colora.depth.metrics import DEFAULT_FRACTIONS, sparsification_curve
-
-    written = []
-    path = out / "results.json"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-    written.append(path)
-    cols = ["pairs", "method", "params", "psnr", "ssim", "nll", "ause", "aurg", "aurg_epistemic"]
-    fine = ("ssim", "ause", "aurg", "aurg_epistemic")  # printed with 4 decimals
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["rows"]:
-        cells = [f"{r[c]:.4f}" if isinstance(r.get(c), float) and c in fine
-                 else f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    last = max(examples)
-    alloc = result["allocation"][str(last)]
-    lines += ["", f"Rank allocation of ContributionLoRA at {last} pairs (FAIG score, rank / max rank):", "",
-              "| layer | score | rank | max rank | params |", "|---|---|---|---|---|"]
-    lines += [f"| {a['layer']} | {a['score']:.3g} | {a['rank']} | {a['max_rank']} | {a['params']} |" for a in alloc]
-    path = out / "results.md"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    written.append(path)
-
-    # PSNR against the number of pairs
+    written, rows = [], result["rows"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    methods = [m for m in dict.fromkeys(r["method"] for r in result["rows"]) if m != "noisy input"]
-    for meth in methods:
-        pts = [(r["pairs"], r["psnr"]) for r in result["rows"] if r["method"] == meth]
-        ax.plot(*zip(*pts), marker="o", label=meth)
+    for key in ORDER[1:]:
+        pts = [(r["pairs"], r["psnr"]) for r in rows if r["key"] == key]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=next(r["method"] for r in rows if r["key"] == key))
     ax.set_xlabel("training pairs"), ax.set_ylabel("test PSNR (dB)"), ax.legend(fontsize=7)
-    path = out / "psnr_vs_pairs.png"
-    bc.plots.save_figure(fig, path); written.append(path)
+    fig.tight_layout()
+    written.append(out / "psnr_vs_pairs.png")
+    bc.plots.save_figure(fig, written[-1])
 
-    # rank allocation
-    fig, ax1 = plt.subplots(figsize=(max(6, 0.18 * len(alloc)), 3.5))
-    idx = range(len(alloc))
-    ax1.bar(idx, [a["rank"] for a in alloc], color="tab:blue", label="rank")
-    ax2 = ax1.twinx()
-    ax2.plot(idx, [a["score"] for a in alloc], "r.", label="FAIG score")
-    ax1.set_xticks(list(idx)), ax1.set_xticklabels([a["layer"] for a in alloc], rotation=90, fontsize=5)
-    ax1.set_ylabel("rank"), ax2.set_ylabel("FAIG score", color="r")
-    path = out / "rank_allocation.png"
-    bc.plots.save_figure(fig, path); written.append(path)
+    if result["allocation"]:
+        alloc = result["allocation"][max(result["allocation"], key=int)]
+        fig, ax1 = plt.subplots(figsize=(max(6, 0.18 * len(alloc)), 3.5))
+        idx = range(len(alloc))
+        ax1.bar(idx, [a["rank"] for a in alloc], color="tab:blue", label="rank")
+        ax2 = ax1.twinx()
+        ax2.plot(idx, [a["score"] for a in alloc], "r.", label="FAIG score")
+        ax1.set_xticks(list(idx)), ax1.set_xticklabels([a["layer"] for a in alloc], rotation=90, fontsize=5)
+        ax1.set_ylabel("rank"), ax2.set_ylabel("FAIG score", color="r")
+        fig.tight_layout()
+        written.append(out / "rank_allocation.png")
+        bc.plots.save_figure(fig, written[-1])
 
-    # restored image, error and uncertainty (Laplace), plus sparsification curves
-    noisy, pred_map, pred_lap, pred_swag, clean = examples[last]
-    err, unc = R.pixel_error_and_uncertainty(pred_lap.mean[:1], pred_lap.total[:1], clean[:1])
-    fig, axes = plt.subplots(1, 5, figsize=(15, 3.2))
-    for ax, img, title in zip(axes, [noisy, pred_lap.mean[0], clean[0]], ["noisy", "restored (Laplace)", "clean"]):
-        ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy()), ax.set_title(title), ax.axis("off")
-    axes[3].imshow(err[0].numpy(), cmap="magma"), axes[3].set_title("|error|"), axes[3].axis("off")
-    axes[4].imshow(unc[0].numpy(), cmap="magma"), axes[4].set_title("predictive std"), axes[4].axis("off")
-    path = out / "uncertainty_example.png"
-    bc.plots.save_figure(fig, path); written.append(path)
+    have = [n for n in sorted({r["pairs"] for r in rows})
+            if all((out / f"example_n{n}_{k}.pt").exists() for k in ("map", "laplace", "swag"))]
+    if have:
+        n = have[-1]
+        ex = {k: torch.load(out / f"example_n{n}_{k}.pt") for k in ("map", "laplace", "swag")}
+        lap = {k: v.float() for k, v in ex["laplace"].items()}
+        err = (lap["mean"].clamp(0, 1) - lap["clean"]).pow(2).mean(0).sqrt()
+        panels = [(lap["noisy"], "noisy"), (lap["mean"], "restored (Laplace)"), (lap["clean"], "clean"),
+                  (err, "|error| (Laplace)"), (ex["map"]["std"], "std, MAP (aleatoric)"),
+                  (lap["std"], "std, Laplace (total)"), (lap["epistemic"], "epistemic std, Laplace"),
+                  (ex["swag"]["epistemic"], "epistemic std, SWAG")]
+        fig, axes = plt.subplots(2, 4, figsize=(13, 6.6))
+        for ax, (img, title) in zip(axes.flat, panels):
+            img = img.float()
+            if img.dim() == 3:
+                ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy())
+            else:
+                fig.colorbar(ax.imshow(img.numpy(), cmap="magma"), ax=ax, fraction=0.046)
+            ax.set_title(title, fontsize=9), ax.axis("off")
+        fig.suptitle(f"test image 0, {n} training pairs (central crop)")
+        fig.tight_layout()
+        written.append(out / "uncertainty_example.png")
+        bc.plots.save_figure(fig, written[-1])
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    f = torch.tensor(DEFAULT_FRACTIONS)
-    for name, pred in (("MAP (aleatoric)", pred_map), ("Laplace", pred_lap), ("SWAG", pred_swag)):
-        e, u = R.pixel_error_and_uncertainty(pred.mean, pred.total, clean)
-        ax.plot(f, sparsification_curve(e, u, reduce="rms").mean(0), label=name)
-    e, _ = R.pixel_error_and_uncertainty(pred_map.mean, pred_map.total, clean)
-    ax.plot(f, sparsification_curve(e, e, reduce="rms").mean(0), "k--", label="oracle")
-    ax.set_xlabel("fraction of pixels removed"), ax.set_ylabel("RMSE of the rest"), ax.legend(fontsize=7)
-    path = out / "sparsification.png"
-    bc.plots.save_figure(fig, path); written.append(path)
+    curves = [r for r in rows if r["key"] in ("map", "laplace", "swag")]
+    if curves:
+        n = max(r["pairs"] for r in curves)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        f = list(DEFAULT_FRACTIONS)
+        for r in (r for r in curves if r["pairs"] == n):
+            ax.plot(f, r["sparsification"], label=r["method"])
+        ax.plot(f, next(r for r in curves if r["pairs"] == n)["oracle"], "k--", label="oracle (MAP's errors)")
+        ax.set_xlabel("fraction of pixels removed"), ax.set_ylabel("RMSE of the rest")
+        ax.set_title(f"{n} training pairs", fontsize=9), ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "sparsification.png")
+        bc.plots.save_figure(fig, written[-1])
     return written
 
 
@@ -278,16 +565,21 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder with polyu/ and clean/ (default: synthetic "
                    "with --quick, ../shared/data/restoration otherwise)")
-    p.add_argument("--out", default="runs/contribution", help="output folder")
+    p.add_argument("--out", default="runs/contribution",
+                   help="output folder; a rerun with the same folder resumes (skips finished cells)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny CPU run on synthetic data (< 3 min)")
     p.add_argument("--pairs", type=int, nargs="*", help="training pair counts (default 16 32 64)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs")
     p.add_argument("--pretrain-seconds", dest="pretrain_seconds", type=float, default=None)
-    p.add_argument("--pretrained", default=None, help="load pre-trained weights from this file if it exists")
+    p.add_argument("--pretrained", default=None, help="load pre-trained weights from this file if it "
+                   "exists (default: OUT/pretrained.pt, written after pre-training)")
     p.add_argument("--budget", type=float, default=0.07, help="LoRA budget as a fraction of the network")
     p.add_argument("--laplace", default="diag", choices=["diag", "lowrank"],
                    help="Laplace curvature: diagonal GGN from Rademacher probes, or low-rank GGN")
+    p.add_argument("--tune", default="validation", choices=["validation", "marglik"],
+                   help="posterior width: Laplace (prior precision, temperature) and SWAG scale by "
+                        "validation NLL, or the untempered marginal-likelihood Laplace and plain SWAG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -298,8 +590,8 @@ def main(argv: list[str] | None = None) -> dict:
                  f"clean/ inside (see bayes_colora.restoration.pack), or use --quick")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result, examples = run(args)
-    for path in write_outputs(result, examples, out):
+    result = run(args)
+    for path in [write_table(result, out), *write_figures(result, out)]:
         print(f"wrote {path}")
     return result
 

@@ -127,6 +127,11 @@ def test_evaluate_restoration_ranks_errors():
     const = R.evaluate_restoration(Predictive(mean, flat, torch.zeros_like(var), flat), clean)
     assert good["aurg"] > 0.005 and abs(const["aurg"]) < 1e-9  # constant uncertainty = chance
     assert abs(good["aurg_epistemic"]) < 1e-12  # zero epistemic variance: all tied, chance
+    assert good["aurg_aleatoric"] == good["aurg"]  # total = aleatoric when epistemic is 0
+    # the parts are ranked separately: swapped into the epistemic slot, the same std ranks alike
+    swapped = R.evaluate_restoration(Predictive(mean, flat, var, flat + var), clean)
+    assert swapped["aurg_epistemic"] == pytest.approx(good["aurg"], abs=1e-12)
+    assert abs(swapped["aurg_aleatoric"]) < 1e-9
     assert good["ause"] < const["ause"]
     assert good["psnr"] == pytest.approx(R.psnr(mean, clean))
 

@@ -55,12 +55,15 @@ def pixel_error_and_uncertainty(mean: torch.Tensor, var: torch.Tensor, target: t
 
 def evaluate_restoration(pred: Predictive, target: torch.Tensor) -> dict[str, float]:
     """PSNR, SSIM, Gaussian NLL per element (of ``N(pred.mean, pred.total)``), ``ause`` /
-    ``aurg`` (RMSE sparsification) of the per-pixel total std against the actual error, and
-    ``aurg_epistemic`` of the epistemic std alone (0 for a point estimate: a constant ranks
-    like chance)."""
+    ``aurg`` (RMSE sparsification) of the per-pixel total std against the actual error, and the
+    AURG of each part of the total alone: ``aurg_aleatoric`` (the std from
+    ``pred.aleatoric``) and ``aurg_epistemic`` (from ``pred.epistemic``; 0 for a point
+    estimate: a constant ranks like chance). All use the same error, that of ``pred.mean``."""
     error, unc = pixel_error_and_uncertainty(pred.mean, pred.total, target)
+    aleatoric = pixel_error_and_uncertainty(pred.mean, pred.aleatoric, target)[1]
     epistemic = pixel_error_and_uncertainty(pred.mean, pred.epistemic, target)[1]
     return {"psnr": psnr(pred.mean, target), "ssim": ssim(pred.mean, target),
             "nll": M.gaussian_nll(pred.mean.float(), pred.total.float(), target.float()),
             "ause": S.ause(error, unc, reduce="rms"), "aurg": S.aurg(error, unc, reduce="rms"),
+            "aurg_aleatoric": S.aurg(error, aleatoric, reduce="rms"),
             "aurg_epistemic": S.aurg(error, epistemic, reduce="rms")}
