@@ -1,5 +1,6 @@
 """End-to-end calibration: on synthetic heteroscedastic regression, 90 % predictive intervals from
-Laplace and VI cover 85-95 % of held-out points (issue: inference engines, item 6).
+Laplace and VI cover 85-95 % of held-out points (issue: inference engines, item 6); VI with its
+likelihood temperature chosen on a validation set.
 
 The band [0.85, 0.95] is wide compared with the binomial error of the coverage estimate itself
 (sd sqrt(0.9 * 0.1 / 2000) = 0.0067 for 2000 test points), so it tests the engines' calibration,
@@ -50,13 +51,23 @@ def test_laplace_intervals_cover_90_percent(fitted):
     assert pred.epistemic.mean() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: mean-field VI over-covers on this problem (measured "
-                   "0.976-0.982 with 400-1500 steps): the ELBO's sampled mean noise inflates the "
-                   "learned log-variance, which the total-variance split then counts twice")
-def test_vi_intervals_cover_90_percent(fitted):
+def test_vi_intervals_cover_90_percent_at_the_validation_chosen_temperature(fitted):
+    """Mean-field VI at T = 1 over-covers here (measured 0.97-0.98: the ELBO lets the
+    heteroscedastic noise head absorb the sampled function noise, so the predictive counts it
+    twice). The remedy is the likelihood temperature of ``fit_vi``, chosen like Laplace's prior
+    precision: by the predictive NLL on a validation set, never on the test points."""
     sub, loader, lik, prior, x_test, y_test = fitted
-    post = bc.fit_vi(sub, loader, lik, prior=prior, guide="diag", steps=1500, lr=1e-2,
-                     num_particles=4, progress=False)
-    pred = bc.predict(sub, post, x_test, n_samples=200, generator=torch.Generator().manual_seed(1))
+    theta_map = sub.theta
+    x_val, y_val = _data(500, torch.Generator().manual_seed(7))
+    fits = {}
+    for temperature in (1.0, 0.1, 0.03):
+        sub.theta = theta_map
+        post = bc.fit_vi(sub, loader, lik, prior=prior, guide="diag", steps=1000, lr=1e-2,
+                         num_particles=4, temperature=temperature, progress=False)
+        val = bc.predict(sub, post, x_val, n_samples=100, generator=torch.Generator().manual_seed(2))
+        fits[temperature] = (bc.metrics.gaussian_nll(val.mean, val.total, y_val), post)
+    chosen = min(fits, key=lambda t: fits[t][0])
+    assert chosen < 1.0  # the validation NLL itself rejects the untempered, over-wide posterior
+    pred = bc.predict(sub, fits[chosen][1], x_test, n_samples=200, generator=torch.Generator().manual_seed(1))
     assert 0.85 <= _coverage(pred, y_test) <= 0.95
     assert pred.epistemic.mean() > 0
