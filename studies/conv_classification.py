@@ -15,10 +15,12 @@ Methods, each starting from the same pretrained network with a zero-initialised 
 Subspace methods train with ``bc.fit_map`` (prior ``N(0, 1)`` on theta); BatchNorm statistics stay
 frozen in every method. The epoch with the lowest NLL on a held-out part of the train split
 (``--holdout``) is kept; everything is reported on ``val``. For ConvCoLoRA the engines MAP,
-Laplace (diagonal GGN from Rademacher probes, prior precision chosen on the holdout from
-``LAPLACE_GRID``, linearised predictive), SWAG and VI (mean-field) are compared by NLL, ECE and
-reliability diagrams. The merge path is checked: the merged plain network gives the adapted
-logits, at the base network's cost.
+Laplace (diagonal GGN from Rademacher probes), SWAG and VI (mean-field), all started from the MAP
+estimate, are compared by NLL, ECE and reliability diagrams; each engine's settings are chosen on
+the same holdout by the NLL of its predictive (Laplace: prior precision x temperature, and the
+linearised or the sampled predictive; SWAG: learning rate x covariance scale; VI: temperature;
+the grids are the ``LAPLACE_*``, ``SWAG_*`` and ``VI_*`` constants). The merge path is checked:
+the merged plain network gives the adapted logits, at the base network's cost.
 
     python studies/conv_classification.py --quick --out /tmp/conv                # CPU, synthetic set
     python studies/conv_classification.py --device cuda --out runs/conv \
@@ -37,7 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".." / "shared" / "data" / "medmnist" / "pneumoniamnist_train_val.npz"
 WEIGHTS = ROOT / ".." / "shared" / "weights" / "mobilenetv2_imagenet_features.pt"
 METHODS = ("full", "linear", "bitfit", "lora", "colora", "colora_reset")
-#: prior precisions tried for the Laplace posterior (lowest holdout NLL wins); the largest is
-#: nearly the MAP point mass, so the choice cannot do much worse than MAP on the holdout
-LAPLACE_GRID = (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6)
+#: Every Bayesian engine's settings are chosen on the holdout (lowest holdout NLL of its predictive),
+#: the part of train that also chooses the training epoch. Laplace: prior precision x temperature,
+#: searched jointly by ``fit_laplace``'s grid search (linearised predictive); the largest precision
+#: is nearly the MAP point mass, so the choice cannot do much worse than MAP on the holdout.
+LAPLACE_PRIOR_GRID = (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6)
+LAPLACE_TEMPERATURES = (0.3, 1.0, 3.0)
+#: SWAG: Adam learning rate (a fraction of --lr) x covariance scale (``c Sigma``; SWAG's authors
+#: sample at c = 0.5)
+SWAG_LR_FRACTIONS = (0.5, 0.1, 0.02)
+SWAG_SCALES = (0.5, 1.0, 2.0, 4.0)
+#: VI: likelihood temperature (``log p(D | theta) / T``; T < 1: a colder, narrower posterior)
+VI_TEMPERATURES = (1.0, 0.1)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -84,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-5, help="full fine-tuning's AdamW weight decay")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of train held out for choosing")
-    p.add_argument("--subset", type=int, default=None, help="use at most this many images per split (smoke tests)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use a random subset of at most this many images per split (smoke tests)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--n-samples", type=int, default=32, help="posterior samples per prediction")
     p.add_argument("--laplace-probes", type=int, default=8)
@@ -112,10 +124,12 @@ def load_data(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.T
         synthetic_medmnist(path, n_train=448, n_val=256, seed=args.seed)
     x, y = load_medmnist(path, "train")
     xv, yv = load_medmnist(path, "val")
-    if args.subset is not None:
-        x, y, xv, yv = x[:args.subset], y[:args.subset], xv[:args.subset], yv[:args.subset]
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-    n_hold = max(1, round(args.holdout * len(y)))
+    if args.subset is not None:  # random subsets: a MedMNIST file may store a split sorted by class
+        perm = perm[:args.subset]
+        keep = torch.randperm(len(yv), generator=torch.Generator().manual_seed(args.seed + 1))[:args.subset]
+        xv, yv = xv[keep], yv[keep]
+    n_hold = max(1, round(args.holdout * len(perm)))
     hold, fit = perm[:n_hold], perm[n_hold:]
     dev = torch.device(args.device)
     return {"fit": (x[fit].to(dev), y[fit].to(dev)), "holdout": (x[hold].to(dev), y[hold].to(dev)),
@@ -302,43 +316,106 @@ def merge_check(sub: bc.Subspace, base: torch.nn.Module, data: dict, args: argpa
 
 
 # ---------------------------------------------------------------------------------- engines
+class Tuned(NamedTuple):
+    """An engine's posterior at the settings the holdout chose, and how it predicts."""
+
+    post: bc.Posterior
+    linearized: bool
+    chosen: dict[str, Any]
+    holdout_nll: float
+
+
+def holdout_nlls(sub: bc.Subspace, candidates: dict[Any, tuple[bc.Posterior, bool]], data: dict,
+                 args: argparse.Namespace) -> dict[Any, float]:
+    """Holdout NLL of each ``(posterior, linearized)`` candidate (common random numbers)."""
+    x, y = data["holdout"]
+    return {key: bc.metrics.categorical_nll(predictive_probs(sub, post, x, args, linearized=lin), y)
+            for key, (post, lin) in candidates.items()}
+
+
+def tune_laplace(sub: bc.Subspace, loader: DataLoader, data: dict, args: argparse.Namespace) -> Tuned:
+    """Diagonal GGN (Rademacher probes) at the MAP; (prior precision, temperature) by
+    ``fit_laplace``'s grid search on the holdout with the linearised predictive; then the
+    linearised or the plain sampled predictive, whichever has the lower holdout NLL."""
+    post = bc.fit_laplace(sub, loader, bc.Categorical(), hessian="diag", backend="jvp",
+                          diag_probes=args.laplace_probes, tune_prior="gridsearch",
+                          val_loader=eval_batches(*data["holdout"], args.eval_batch),
+                          prior_grid=LAPLACE_PRIOR_GRID, temperature_grid=LAPLACE_TEMPERATURES,
+                          n_samples=min(16, args.n_samples), chunk_size=8, progress=args.progress,
+                          generator=torch.Generator().manual_seed(args.seed))  # CPU: the grid
+    # search draws its seed on the CPU; the probes are moved to the device
+    nll = holdout_nlls(sub, {"linearized": (post, True), "samples": (post, False)}, data, args)
+    best = min(nll, key=nll.get)
+    record = post.history[-1]
+    return Tuned(post, best == "linearized", {"prior_precision": record["prior_precision"],
+                                              "temperature": record["temperature"], "predictive": best},
+                 nll[best])
+
+
+def tune_swag(sub: bc.Subspace, loader: DataLoader, data: dict, args: argparse.Namespace) -> Tuned:
+    """SWAG from the MAP (Adam, a snapshot every 1/10 epoch, rank 20) at each learning rate of
+    ``SWAG_LR_FRACTIONS``; each fit's covariance scaled by each of ``SWAG_SCALES``."""
+    lik, prior = bc.Categorical(), bc.NormalPrior(1.0)
+    theta_map = sub.theta.clone()
+    candidates: dict[Any, tuple[bc.Posterior, bool]] = {}
+    for frac in SWAG_LR_FRACTIONS:
+        sub.theta = theta_map
+        post = bc.fit_swag(sub, loader, lik, prior=prior, epochs=args.swag_epochs, lr=args.lr * frac,
+                           optimizer="adam", collect=max(1, len(loader) // 10), rank=20,
+                           progress=args.progress)
+        for c in SWAG_SCALES:
+            scaled = bc.LowRankGaussianPosterior(post.loc, c * post.diag_var, c ** 0.5 * post.factor,
+                                                 likelihood=lik, history=post.history)
+            candidates[(frac, c)] = (scaled, False)
+    sub.theta = theta_map
+    nll = holdout_nlls(sub, candidates, data, args)
+    frac, c = min(nll, key=nll.get)
+    return Tuned(candidates[(frac, c)][0], False, {"lr": args.lr * frac, "scale": c}, nll[(frac, c)])
+
+
+def tune_vi(sub: bc.Subspace, loader: DataLoader, data: dict, args: argparse.Namespace) -> Tuned:
+    """Mean-field VI from the MAP (``--vi-epochs`` epochs, initial scale 1e-3) at each temperature
+    of ``VI_TEMPERATURES``."""
+    lik, prior = bc.Categorical(), bc.NormalPrior(1.0)
+    theta_map = sub.theta.clone()
+    candidates: dict[Any, tuple[bc.Posterior, bool]] = {}
+    for temp in VI_TEMPERATURES:
+        sub.theta = theta_map
+        candidates[temp] = (bc.fit_vi(sub, loader, lik, prior=prior, guide="diag",
+                                      steps=args.vi_epochs * len(loader), lr=args.lr, init_scale=1e-3,
+                                      temperature=temp, progress=args.progress), False)
+    sub.theta = theta_map
+    nll = holdout_nlls(sub, candidates, data, args)
+    temp = min(nll, key=nll.get)
+    return Tuned(candidates[temp][0], False, {"temperature": temp}, nll[temp])
+
+
 def run_engines(sub: bc.Subspace, data: dict, args: argparse.Namespace
                 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """MAP, Laplace, SWAG and VI on the ConvCoLoRA subspace, all from its MAP estimate."""
-    lik, prior = bc.Categorical(), bc.NormalPrior(1.0)
+    """MAP, Laplace, SWAG and VI on the ConvCoLoRA subspace, all from its MAP estimate, each at the
+    settings its holdout NLL chose; ``fit_s`` includes every fit and holdout evaluation of the tuning."""
     loader = train_loader(*data["fit"], args.batch_size, args.seed + 2)
     theta_map = sub.theta.clone()
     xv, yv = data["val"]
     dev = torch.device(args.device)
-    steps_per_epoch = len(loader)
-    fits = {
-        "map": lambda: bc.DiracPosterior(theta_map, likelihood=lik),
-        "laplace": lambda: bc.fit_laplace(sub, loader, lik, prior=prior, hessian="diag", backend="jvp",
-                                          diag_probes=args.laplace_probes, tune_prior="gridsearch",
-                                          val_loader=eval_batches(*data["holdout"], args.eval_batch),
-                                          prior_grid=LAPLACE_GRID, n_samples=16, chunk_size=8,
-                                          progress=args.progress,
-                                          generator=torch.Generator().manual_seed(args.seed)),  # CPU: the
-                                          # grid search draws its seed on the CPU; probes are moved
-        "swag": lambda: bc.fit_swag(sub, loader, lik, prior=prior, epochs=args.swag_epochs, lr=args.lr / 2,
-                                    optimizer="adam", collect=max(1, steps_per_epoch // 10), rank=20,
-                                    progress=args.progress),
-        "vi": lambda: bc.fit_vi(sub, loader, lik, prior=prior, guide="diag", steps=args.vi_epochs * steps_per_epoch,
-                                lr=args.lr, init_scale=1e-3, progress=args.progress),
-    }
+
+    def point_mass(*_: Any) -> Tuned:
+        post = bc.DiracPosterior(theta_map, likelihood=bc.Categorical())
+        return Tuned(post, False, {}, holdout_nlls(sub, {0: (post, False)}, data, args)[0])
+
     rows, probs = [], {}
-    for name, fit in fits.items():
+    for name, tune in {"map": point_mass, "laplace": tune_laplace, "swag": tune_swag, "vi": tune_vi}.items():
         sub.theta = theta_map
         torch.manual_seed(args.seed)
         sync(dev)
         start = time.perf_counter()
-        post = fit()
+        tuned = tune(sub, loader, data, args)
         sync(dev)
         seconds = time.perf_counter() - start
         sub.theta = theta_map
-        probs[name] = predictive_probs(sub, post, xv, args, linearized=name == "laplace")
-        extra = {k: v for k, v in post.history[-1].items() if k == "prior_precision"} if post.history else {}
-        rows.append({"engine": name, "fit_s": seconds, **extra, **classification_metrics(probs[name], yv)})
+        probs[name] = predictive_probs(sub, tuned.post, xv, args, linearized=tuned.linearized)
+        rows.append({"engine": name, "fit_s": seconds, "chosen": tuned.chosen, "holdout_nll": tuned.holdout_nll,
+                     **classification_metrics(probs[name], yv)})
     sub.theta = theta_map
     return rows, probs
 
@@ -371,10 +448,11 @@ def markdown(rows: list[dict], engine_rows: list[dict], merge: dict | None, targ
                      f"{r['time_per_epoch_s']:.3f} | {r['best_epoch']} | {r['accuracy']:.4f} | "
                      f"{r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |")
     if engine_rows:
-        lines += ["", "| ConvCoLoRA engine | fit (s) | val acc | val AUC | NLL | ECE |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['engine']} | {r['fit_s']:.2f} | {r['accuracy']:.4f} | {r['auc']:.4f} | "
-                  f"{r['nll']:.4f} | {r['ece']:.4f} |" for r in engine_rows]
+        lines += ["", "| ConvCoLoRA engine | chosen on the holdout | holdout NLL | fit + tuning (s) | val acc | "
+                  "val AUC | NLL | ECE |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['engine']} | {_settings(r['chosen'])} | {r['holdout_nll']:.4f} | {r['fit_s']:.2f} | "
+                  f"{r['accuracy']:.4f} | {r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
+                  for r in engine_rows]
     if merge:
         lines += ["", f"Merge path: max |logit difference| {merge['max_abs_logit_diff']:.2e} (logits up to "
                   f"{merge['max_abs_logit']:.2f}), adapter modules left {merge['adapter_modules_left']}, "
@@ -384,6 +462,10 @@ def markdown(rows: list[dict], engine_rows: list[dict], merge: dict | None, targ
                   f"{1e3 * merge['inference_s_adapted']:.2f} ms."]
     lines += ["", "Targets: " + ", ".join(f"{k}: {v}" for k, v in targets.items())]
     return "\n".join(lines) + "\n"
+
+
+def _settings(chosen: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items()) or "-"
 
 
 def check_targets(rows: list[dict], engine_rows: list[dict]) -> dict[str, Any]:

@@ -243,3 +243,29 @@ def test_study_quick(tmp_path):
     for r in saved["methods"] + saved["engines"]:
         assert 0 <= r["ece"] <= 1 and r["nll"] > 0 and 0 <= r["auc"] <= 1
     assert set(res["targets"]) >= {"colora_within_1pt_of_full", "laplace_lower_ece_and_nll_than_map"}
+    # every engine's settings come from its grid, chosen on the holdout
+    eng = {r["engine"]: r for r in saved["engines"]}
+    assert eng["map"]["chosen"] == {}
+    assert eng["laplace"]["chosen"]["prior_precision"] in study.LAPLACE_PRIOR_GRID
+    assert eng["laplace"]["chosen"]["temperature"] in study.LAPLACE_TEMPERATURES
+    assert eng["laplace"]["chosen"]["predictive"] in ("linearized", "samples")
+    assert eng["swag"]["chosen"]["scale"] in study.SWAG_SCALES
+    assert eng["swag"]["chosen"]["lr"] in [f * study.QUICK["lr"] for f in study.SWAG_LR_FRACTIONS]
+    assert eng["vi"]["chosen"]["temperature"] in study.VI_TEMPERATURES
+    assert all(r["holdout_nll"] > 0 for r in saved["engines"])
+
+
+def test_study_subset_is_random(tmp_path):
+    """A split stored sorted by class still gives both classes in a --subset, and the holdout
+    and fit parts partition the subset."""
+    n = 40
+    np.savez(tmp_path / "sorted.npz", train_images=np.zeros((n, 4, 4), np.uint8),
+             train_labels=(np.arange(n) >= n // 2).astype(np.int64)[:, None],
+             val_images=np.zeros((n, 4, 4), np.uint8), val_labels=(np.arange(n) >= n // 2)[:, None].astype(np.int64))
+    study = _study()
+    args = study.parse_args(["--out", str(tmp_path), "--data", str(tmp_path / "sorted.npz"), "--subset", "12",
+                             "--holdout", "0.25"])
+    data = study.load_data(args)
+    assert [len(data[k][1]) for k in ("fit", "holdout", "val")] == [9, 3, 12]
+    assert set(torch.cat([data["fit"][1], data["holdout"][1]]).tolist()) == {0, 1}
+    assert set(data["val"][1].tolist()) == {0, 1}

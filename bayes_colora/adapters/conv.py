@@ -5,6 +5,16 @@ Every adapter here adds a kernel update ``dW`` of the base kernel's shape ``(c0,
 and runs it with the layer's own stride, padding, dilation and groups:
 ``y = base(x) + conv(x, dW)``. Merge: ``W <- W + dW``.
 
+Forward, folded: a convolution is linear in its kernel, ``conv(x, W) + conv(x, dW) = conv(x, W + dW)``,
+so when the adapter wraps the plain layer the forward runs *one* convolution with the kernel
+``W + dW`` (and the layer's bias) instead of two. The backward then computes the gradient of the
+loss with respect to the whole kernel, ``g_W = sum over positions of x-patch x output-grad`` (the
+weight gradient a full fine-tuning of this layer would compute, of shape ``(c0, c1, *k)``), and
+chains it to the factors through ``dW``; the frozen ``W`` receives none. The two-convolution form
+stays where folding would change the function or skip code: a stacked adapter below (``base`` is an
+adapter), a conv subclass with its own ``forward`` (timm's ``Conv2dSame``, weight-standardised
+convolutions), and hooks on the base layer. ``layer.fold = False`` forces it (benchmarks).
+
 ``ConvCoLoRA`` (convolutional CoLoRA): a pointwise part ``P`` (``c0 x c1``, Glorot) times one
 depthwise kernel per ``c0`` channel ``D`` (``c0 x k``, zeros):
 
@@ -28,14 +38,42 @@ from .base import AdapterLayer, AdapterSpec
 from .layers import CONV_TYPES, conv_apply
 
 
+#: the ``forward`` methods that compute exactly ``conv(x, weight) + bias``: only these fold
+_PLAIN_FORWARDS = frozenset(c.forward for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                                nn.ConvTranspose2d, nn.ConvTranspose3d))
+#: a base layer with any of these hooks keeps the two-convolution forward, which calls it
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 class ConvDeltaLayer(AdapterLayer):
-    """A conv adapter defined by its kernel update: ``y = base(x) + conv(x, delta_weight())``."""
+    """A conv adapter defined by its kernel update: ``y = base(x) + conv(x, delta_weight())``,
+    computed as ``conv(x, W + delta_weight()) + b`` where that is the same function (module
+    docstring).
+
+    Attributes:
+        fold: ``True`` (default) runs the folded single convolution where it applies; ``False``
+            always runs ``base(x) + conv(x, dW)`` (for timing the two, or debugging).
+    """
+
+    fold: bool = True
 
     @abstractmethod
     def delta_weight(self) -> torch.Tensor:
         """The kernel update, shaped like the base layer's weight."""
 
+    def adapted_weight(self) -> torch.Tensor:
+        """``W + dW``, the kernel of the folded forward (subclasses may fuse the sum)."""
+        return self.base_layer.weight + self.delta_weight()
+
+    def folds(self) -> bool:
+        """Whether the forward runs the single folded convolution (see the module docstring)."""
+        base = self.base
+        return (self.fold and type(base).forward in _PLAIN_FORWARDS
+                and not any(getattr(base, h) for h in _HOOKS))
+
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folds():
+            return conv_apply(self.base, x, self.adapted_weight(), self.base.bias)
         return self.base(x) + conv_apply(self.base_layer, x, self.delta_weight())
 
     def _merge_into_base(self, sign: float) -> None:
@@ -61,9 +99,18 @@ class ConvCoLoRALayer(ConvDeltaLayer):
             self.pointwise.copy_(torch.rand(c0, c1, generator=generator) * 2 * bound - bound)
             self.depthwise.zero_()
 
-    def delta_weight(self) -> torch.Tensor:
+    def _factor_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P`` as ``(c0, c1, 1, ...)`` and ``D`` as ``(c0, 1, *k)``: their product is ``dW``."""
         depth = self.depthwise
-        return self.pointwise.reshape(*self.pointwise.shape, *([1] * (depth.dim() - 1))) * depth.unsqueeze(1)
+        return self.pointwise.reshape(*self.pointwise.shape, *([1] * (depth.dim() - 1))), depth.unsqueeze(1)
+
+    def delta_weight(self) -> torch.Tensor:
+        point, depth = self._factor_views()
+        return point * depth
+
+    def adapted_weight(self) -> torch.Tensor:
+        """``W + P * D`` in one fused ``addcmul``."""
+        return torch.addcmul(self.base_layer.weight, *self._factor_views())
 
 
 class TuckerCoLoRALayer(ConvDeltaLayer):

@@ -54,11 +54,12 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
-def conv_apply(layer: _ConvNd, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Run ``layer``'s convolution (stride, padding, dilation, groups kept) with another weight
-    and no bias."""
+def conv_apply(layer: _ConvNd, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``layer``'s convolution (stride, padding, padding mode, dilation, groups, output
+    padding kept) with another ``weight`` and ``bias`` (default: no bias)."""
     if isinstance(layer, _ConvTransposeNd):
         fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[weight.dim() - 2]
-        return fn(x, weight, None, layer.stride, layer.padding, layer.output_padding,
+        return fn(x, weight, bias, layer.stride, layer.padding, layer.output_padding,
                   layer.groups, layer.dilation)
-    return layer._conv_forward(x, weight, None)
+    return layer._conv_forward(x, weight, bias)
