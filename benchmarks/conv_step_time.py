@@ -41,19 +41,25 @@ def colora(args: argparse.Namespace, fold: bool) -> bc.Subspace:
     return sub
 
 
-def full_epoch(args: argparse.Namespace, batches: list) -> Callable[[], None]:
-    torch.manual_seed(0)
-    model = classifier(args.backbone, 2, None, args.input_size).to(args.device).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+def adamw_epoch(forward: Callable[[torch.Tensor], torch.Tensor], params: list, lr: float,
+                batches: list, weight_decay: float = 0.01) -> Callable[[], None]:
+    """One epoch of plain AdamW steps on cross-entropy over ``batches``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def epoch() -> None:
         for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss.item()
     return epoch
+
+
+def full_epoch(args: argparse.Namespace, batches: list) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = classifier(args.backbone, 2, None, args.input_size).to(args.device).eval()
+    return adamw_epoch(model, list(model.parameters()), 1e-4, batches, weight_decay=1e-5)
 
 
 def fit_map_epoch(sub: bc.Subspace, batches: list) -> Callable[[], None]:
@@ -63,17 +69,7 @@ def fit_map_epoch(sub: bc.Subspace, batches: list) -> Callable[[], None]:
 
 
 def module_epoch(sub: bc.Subspace, batches: list) -> Callable[[], None]:
-    params = [p for p in sub.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-
-    def epoch() -> None:
-        for x, y in batches:
-            loss = F.cross_entropy(sub(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss.item()
-    return epoch
+    return adamw_epoch(sub, [p for p in sub.parameters() if p.requires_grad], 1e-3, batches)
 
 
 def timed(runs: dict[str, Callable[[], None]], steps: int, repeats: int,
