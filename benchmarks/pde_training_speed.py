@@ -7,10 +7,10 @@ Run (about 10 s per row plus start-up):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pde_training_speed.py --data runs/data/pde/burgers --batches 8 32
 
 Prints a markdown table: batch, points, steps/s and million point evaluations per second, each
-from one ``bc.pde.train_offline`` run of ``--seconds``, counted after its first ``--warmup`` steps
-(which include the compile time with ``--compile``: give that more ``--seconds``). The architecture is the study's (7 continuous LoRA layers of
-width 25, rank 3, hypernetwork 3 x 15); the data set's grid is subsampled to 65 points per axis
-as in the study.
+from one ``bc.pde.train_offline`` run of ``--seconds``, counted after its first ``--warmup``
+steps (which include the compile time with ``--compile``: give that more ``--seconds``). The
+architecture is the study's (7 continuous LoRA layers of width 25, rank 3, hypernetwork
+3 x 15, no embedding swish); a 2-D grid is subsampled to 65 points per axis as in the study.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             # from the first record (after the warm-up steps) to the last
             rate = (hist[-1]["step"] - hist[0]["step"]) / (hist[-1]["seconds"] - hist[0]["seconds"])
             pts = n_points or data.x.shape[0]
-            print(f"| {batch} | {pts} | {rate:.1f} | {rate * min(batch, data.u.shape[0]) * pts / 1e6:.2f} |", flush=True)
+            evals = rate * min(batch, data.u.shape[0]) * pts / 1e6
+            print(f"| {batch} | {pts} | {rate:.1f} | {evals:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,29 @@ def test_reduced_model_shapes_periodicity_and_parameter_count():
     assert pde.n_parameters(pde.ConcatBaseline(1, 2, w, 3)) == 3 * w + (w + 2) * w + w + w * w + w + 2 * w + 2
 
 
+@pytest.mark.parametrize("per", ["layer", "rank"])
+@pytest.mark.parametrize("embed_activation", [False, True])
+def test_batched_field_is_the_subspace_call(per, embed_activation):
+    # the training path (effective weights W + A diag(c) B, one bmm per layer) against the
+    # vmap'ed functional subspace call, also with a non-zero reference alpha_ref
+    m = pde.ReducedModel.build(2, 2, width=9, depth=4, rank=3, per=per, period=2.0, hyper_width=5,
+                               embed_activation=embed_activation).double()
+    x = torch.rand(13, 2, dtype=torch.float64)
+    alpha = torch.randn(6, m.n_online, dtype=torch.float64)
+    assert m._direct_layers() is not None
+    torch.testing.assert_close(m.field(x, alpha), m.sub(x, theta=alpha), rtol=1e-12, atol=1e-12)
+    bc.adapters.continuous.set_alpha_reference(m.sub.model, torch.randn(m.n_online, dtype=torch.float64))
+    torch.testing.assert_close(m.batched_field(x, alpha), m.sub(x, theta=alpha), rtol=1e-12, atol=1e-12)
+    # the baseline's split first layer W [z; s] = W_z z + W_s s against the concatenation
+    b = pde.ConcatBaseline(2, 2, 7, 3, 2.0, embed_activation).double()
+    tmu = torch.rand(4, 2, dtype=torch.float64)
+    z, s = b.act(b.embed(x)), (tmu - b.shift) / b.scale
+    h = torch.cat([z.expand(4, *z.shape), s[:, None, :].expand(-1, 13, -1)], -1)
+    for i, layer in enumerate(b.layers):
+        h = layer(h) if i == len(b.layers) - 1 else torch.nn.functional.silu(layer(h))
+    torch.testing.assert_close(b(x, tmu), h, rtol=1e-12, atol=1e-12)
+
+
 def test_relative_errors_and_offline_training_reduce_the_loss():
     true = torch.randn(3, 10, 2)
     torch.testing.assert_close(pde.relative_errors(1.1 * true, true), torch.full((3,), 0.1))
