@@ -39,7 +39,7 @@ def rss_bytes() -> int:
 
 
 def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: str,
-           device: str = "cpu", warm: bool = False) -> None:
+           device: str = "cpu", warm: bool = False, chunk: int = 32) -> None:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -69,7 +69,7 @@ def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: st
         if impl == "bayes_colora":
             loader = DataLoader(TensorDataset(x, y), batch_size=8)
             post = bc.fit_laplace(sub, loader, lik, bc.NormalPrior(1.0), hessian="full", backend="jvp",
-                                  chunk_size=32, progress=False)
+                                  chunk_size=chunk, progress=False)
             sync()
             t_fit = time.perf_counter() - t0
             var = bc.predict(sub, post, xt, n_samples=32, linearized=True).epistemic
@@ -120,13 +120,13 @@ def worker(impl: str, size: int, channels: int, rank: int, n_train: int, out: st
 
 
 def run(impl: str, size: int, channels: int, rank: int, n_train: int, cap: int,
-        device: str = "cpu", warm: bool = False) -> dict:
+        device: str = "cpu", warm: bool = False, chunk: int = 32) -> dict:
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
 
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
     proc = subprocess.Popen([sys.executable, __file__, "--worker", impl, str(size), str(channels),
-                             str(rank), str(n_train), out, device, str(int(warm))], env=env,
+                             str(rank), str(n_train), out, device, str(int(warm)), str(chunk)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = False
     while proc.poll() is None:  # the memory cap: kill the worker when its RSS passes it
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=32)
     ap.add_argument("--reference", action="store_true", help="also run 64x64 with d ~ 5000")
     ap.add_argument("--device", default="cpu", help="cpu (RSS, capped) or cuda (GPU memory)")
+    ap.add_argument("--chunk-size", type=int, default=32, help="bayes_colora's JVPs per call")
     ap.add_argument("--warm", action="store_true",
                     help="time a second run in each process (steady state, without start-up costs)")
     args = ap.parse_args()
@@ -172,8 +173,8 @@ def main() -> None:
           "| cov. rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        ours = run("bayes_colora", size, args.channels, args.rank, args.n_train, cap, args.device, args.warm)
-        ref = run("laplace-torch", size, args.channels, args.rank, args.n_train, cap, args.device, args.warm)
+        ours = run("bayes_colora", size, args.channels, args.rank, args.n_train, cap, args.device, args.warm, args.chunk_size)
+        ref = run("laplace-torch", size, args.channels, args.rank, args.n_train, cap, args.device, args.warm, args.chunk_size)
         row = [f"{size}x{size} = {size * size}", str(ours.get("d", "?"))]
         cell = lambda r: (f"{r['total_s']:.2f} (fit {r['fit_s']:.2f})" if "failed" not in r  # noqa: E731
                           else f"fails: {r['failed']}")
@@ -198,6 +199,6 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7],
-               *sys.argv[8:9], *(bool(int(a)) for a in sys.argv[9:10]))
+               *sys.argv[8:9], *(bool(int(a)) for a in sys.argv[9:10]), *(int(a) for a in sys.argv[10:11]))
     else:
         main()

@@ -26,6 +26,8 @@ def cases(device: str) -> dict[str, tuple[bc.Subspace, torch.Tensor]]:
                                               attn_implementation="eager"))
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=10)
     small = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1))
+    conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),
+                         nn.Conv2d(8, 1, 3, padding=1))  # the dense-output model of the Laplace benchmark
     return {
         "MLP 16-64-1, LoRA r=2, batch 8": (
             bc.Subspace.from_model(small, bc.LoRA(rank=2)), torch.randn(8, 16)),
@@ -34,6 +36,8 @@ def cases(device: str) -> dict[str, tuple[bc.Subspace, torch.Tensor]]:
         "ViT (4 layers, 192 wide), LoRA r=4 on q/v, batch 8 of 64x64": (
             bc.Subspace.from_model(vit, bc.LoRA(rank=4, targets=r"attention\.(q_proj|v_proj)$")),
             torch.randn(8, 3, 64, 64)),
+        "conv 1-8-8-1 (32x32 outputs), LoRA r=4, batch 8": (
+            bc.Subspace.from_model(conv, bc.LoRA(rank=4)), torch.randn(8, 1, 32, 32)),
         "resnet18, BitFit, batch 8 of 64x64": (
             bc.Subspace.from_model(resnet, bc.BitFit()), torch.randn(8, 3, 64, 64)),
     }
