@@ -135,10 +135,20 @@ def standard_normal(shape: tuple[int, ...], like: torch.Tensor,
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-class GaussianPosterior(Posterior):
-    r"""``N(mu, L L^T)`` with a dense lower-triangular Cholesky factor ``L`` (``scale_tril``)."""
+class _Gaussian(Posterior):
+    """A Gaussian ``N(loc, Sigma)``: symmetric about its mean ``loc``; subclasses differ in how
+    they hold ``Sigma``."""
 
     is_symmetric = True
+    loc: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+
+class GaussianPosterior(_Gaussian):
+    r"""``N(mu, L L^T)`` with a dense lower-triangular Cholesky factor ``L`` (``scale_tril``)."""
 
     state_keys = ("loc", "scale_tril")
 
@@ -159,10 +169,6 @@ class GaussianPosterior(Posterior):
         return cls(loc, scale_tril.to(loc.dtype), **kwargs)
 
     @property
-    def mean(self) -> torch.Tensor:
-        return self.loc
-
-    @property
     def covariance(self) -> torch.Tensor:
         return self.scale_tril @ self.scale_tril.mT
 
@@ -175,10 +181,8 @@ class GaussianPosterior(Posterior):
         return self.loc + eps @ self.scale_tril.mT
 
 
-class DiagGaussianPosterior(Posterior):
+class DiagGaussianPosterior(_Gaussian):
     """``N(mu, diag(std^2))``."""
-
-    is_symmetric = True
 
     state_keys = ("loc", "std")
 
@@ -186,10 +190,6 @@ class DiagGaussianPosterior(Posterior):
                  history: list[dict[str, float]] | None = None):
         self.loc, self.std = loc.detach().clone(), std.detach().clone()
         self._finish(likelihood, history)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.loc
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -203,11 +203,9 @@ class DiagGaussianPosterior(Posterior):
         return self.loc + self.std * standard_normal((n, self.loc.shape[0]), self.loc, generator)
 
 
-class LowRankGaussianPosterior(Posterior):
+class LowRankGaussianPosterior(_Gaussian):
     r"""``N(mu, diag(v) + F F^T)`` with ``v`` of shape ``(d,)`` and ``F`` of shape ``(d, K)``
     (SWAG's form; one draw ``mu + sqrt(v) e_1 + F e_2`` couples all of theta)."""
-
-    is_symmetric = True
 
     state_keys = ("loc", "diag_var", "factor")
 
@@ -215,10 +213,6 @@ class LowRankGaussianPosterior(Posterior):
                  likelihood: Likelihood | None = None, history: list[dict[str, float]] | None = None):
         self.loc, self.diag_var, self.factor = (t.detach().clone() for t in (loc, diag_var, factor))
         self._finish(likelihood, history)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.loc
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -235,7 +229,7 @@ class LowRankGaussianPosterior(Posterior):
         return self.loc + self.diag_var.clamp_min(0).sqrt() * e1 + e2 @ self.factor.mT
 
 
-class LowRankPrecisionGaussianPosterior(Posterior):
+class LowRankPrecisionGaussianPosterior(_Gaussian):
     r"""``N(mu, Sigma)`` with a low-rank-plus-prior *precision*
     ``P = S^{-1} (I + U diag(lam) U^T) S^{-1}``: ``S = diag(prior_std)`` (``(d,)``), ``U`` of
     shape ``(d, K)`` with orthonormal columns (``eigvecs``), ``lam >= 0`` of shape ``(K,)``
@@ -245,8 +239,6 @@ class LowRankPrecisionGaussianPosterior(Posterior):
     ``mu + S (z + U diag(1 / sqrt(1 + lam) - 1) U^T z)`` with ``z ~ N(0, I_d)``.
     """
 
-    is_symmetric = True
-
     state_keys = ("loc", "prior_std", "eigvecs", "eigvals")
 
     def __init__(self, loc: torch.Tensor, prior_std: torch.Tensor, eigvecs: torch.Tensor,
@@ -255,10 +247,6 @@ class LowRankPrecisionGaussianPosterior(Posterior):
         self.loc, self.prior_std, self.eigvecs, self.eigvals = (
             t.detach().clone() for t in (loc, prior_std.expand_as(loc), eigvecs, eigvals))
         self._finish(likelihood, history)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.loc
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -277,7 +265,7 @@ class LowRankPrecisionGaussianPosterior(Posterior):
         return self.loc + self.prior_std * z
 
 
-class KronGaussianPosterior(Posterior):
+class KronGaussianPosterior(_Gaussian):
     r"""``N(mu, P^{-1})`` with a block-diagonal precision ``P`` (the KFAC Laplace posterior).
 
     A *Kronecker block* covers the ``m n`` entries of one ``(m, n)`` parameter (flattened
@@ -297,8 +285,6 @@ class KronGaussianPosterior(Posterior):
         diag_index: positions of the other entries, ``(k,)``.
         diag_precision: their posterior precisions, ``(k,)``.
     """
-
-    is_symmetric = True
 
     state_keys = ("loc", "blocks", "diag_index", "diag_precision")
 
@@ -336,10 +322,6 @@ class KronGaussianPosterior(Posterior):
     def _block_precisions(b: dict[str, Any]) -> torch.Tensor:
         """``D[i, j] = lam_h[i] lam_q[j] + delta``, shape ``(m, n)``."""
         return torch.outer(b["h_eigvals"], b["q_eigvals"]) + b["prior_precision"]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.loc
 
     def _dense(self, power: float) -> torch.Tensor:
         """``P^power`` for ``power = 1`` (precision) or ``-1`` (covariance), ``d x d``."""
