@@ -68,7 +68,34 @@ def _sum_per_example(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return t.reshape(*t.shape[:batch_dims], -1).sum(-1)
 
 
-class Gaussian(Likelihood):
+class NoiseScaled(Likelihood):
+    """A likelihood with one noise scale ``sigma``: fixed (a buffer), learned (``log sigma``, a
+    parameter) or, when ``heteroscedastic``, given per element by the network's output (then
+    ``split(out)`` gives it, and ``sigma`` raises)."""
+
+    learn_sigma: bool
+    heteroscedastic: bool
+
+    def _init_noise(self, sigma: torch.Tensor, learn_sigma: bool, heteroscedastic: bool) -> None:
+        if learn_sigma and heteroscedastic:
+            raise ValueError("choose learn_sigma=True or heteroscedastic=True, not both")
+        self.learn_sigma, self.heteroscedastic = learn_sigma, heteroscedastic
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(sigma.log())
+        else:
+            self.register_buffer("fixed_sigma", sigma)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """The homoscedastic noise scale (fixed or learned)."""
+        if self.heteroscedastic:
+            # not AttributeError: nn.Module.__getattr__ would replace this message with its own
+            raise ValueError(f"a heteroscedastic {type(self).__name__} has no single sigma; use "
+                             f"split(out) for the per-element variance")
+        return self.log_sigma.exp() if self.learn_sigma else self.fixed_sigma
+
+
+class Gaussian(NoiseScaled):
     r"""``y ~ N(mu, sigma^2)`` per output element.
 
     Three kinds of noise:
@@ -85,27 +112,11 @@ class Gaussian(Likelihood):
     def __init__(self, sigma: float | torch.Tensor = 1.0, learn_sigma: bool = False,
                  heteroscedastic: bool = False, dim: int = -1):
         super().__init__()
-        if learn_sigma and heteroscedastic:
-            raise ValueError("choose learn_sigma=True or heteroscedastic=True, not both")
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         if (sigma <= 0).any():
             raise ValueError(f"sigma must be positive, got {sigma}")
-        self.learn_sigma = learn_sigma
-        self.heteroscedastic = heteroscedastic
+        self._init_noise(sigma, learn_sigma, heteroscedastic)
         self.dim = dim
-        if learn_sigma:
-            self.log_sigma = nn.Parameter(sigma.log())
-        else:
-            self.register_buffer("fixed_sigma", sigma)
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        """The homoscedastic noise scale (fixed or learned)."""
-        if self.heteroscedastic:
-            # not AttributeError: nn.Module.__getattr__ would replace this message with its own
-            raise ValueError("a heteroscedastic Gaussian has no single sigma; use split(out) for "
-                             "the per-element variance")
-        return self.log_sigma.exp() if self.learn_sigma else self.fixed_sigma
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, variance) of ``y`` given the network output ``out`` of one batch, ``(B, ...)``."""

@@ -38,9 +38,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..likelihoods import Likelihood
+from ..likelihoods import NoiseScaled
 
 _DISTS = ("gaussian", "laplace")
 _SPACES = ("depth", "log")
@@ -48,7 +47,7 @@ _SPACES = ("depth", "log")
 _LOG_VAR_CLAMP = 30.0
 
 
-class DepthLikelihood(Likelihood):
+class DepthLikelihood(NoiseScaled):
     r"""Gaussian or Laplace noise per valid pixel of a depth map, in depth or log-depth space.
 
     Args:
@@ -76,34 +75,18 @@ class DepthLikelihood(Likelihood):
             raise ValueError(f"dist must be one of {_DISTS}, got {dist!r}")
         if space not in _SPACES:
             raise ValueError(f"space must be one of {_SPACES}, got {space!r}")
-        if learn_sigma and heteroscedastic:
-            raise ValueError("choose learn_sigma=True or heteroscedastic=True, not both")
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive float (a standard deviation), got {sigma!r}")
         if not (isinstance(min_depth, (int, float)) and math.isfinite(min_depth) and min_depth >= 0):
             raise ValueError(f"min_depth must be a finite float >= 0, got {min_depth!r}")
         self.dist, self.space = dist, space
-        self.learn_sigma, self.heteroscedastic = learn_sigma, heteroscedastic
         self.min_depth = float(min_depth)
-        sigma_t = torch.tensor(float(sigma))
-        if learn_sigma:
-            self.log_sigma = nn.Parameter(sigma_t.log())
-        else:
-            self.register_buffer("fixed_sigma", sigma_t)
+        self._init_noise(torch.tensor(float(sigma)), learn_sigma, heteroscedastic)
 
     @property
     def channels(self) -> int:
         """Output channels the network must produce: 2 when heteroscedastic, else 1."""
         return 2 if self.heteroscedastic else 1
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        """The homoscedastic noise standard deviation (fixed or learned), a scalar tensor."""
-        if self.heteroscedastic:
-            # not AttributeError: nn.Module.__getattr__ would replace this message with its own
-            raise ValueError("a heteroscedastic DepthLikelihood has no single sigma; use "
-                             "split(out) for the per-pixel variance")
-        return self.log_sigma.exp() if self.learn_sigma else self.fixed_sigma
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, v)`` per pixel, each ``(..., 1, H, W)``, from an output ``(..., C, H, W)``:
