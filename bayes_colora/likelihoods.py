@@ -68,6 +68,16 @@ def _sum_per_example(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return t.reshape(*t.shape[:batch_dims], -1).sum(-1)
 
 
+def mixture_moments(means: torch.Tensor, variances: torch.Tensor) -> dict[str, torch.Tensor]:
+    r"""Moments of the mixture of ``S`` per-sample predictives with ``means`` and ``variances``
+    ``(S, ...)``, by the law of total variance: ``mean = E_s[m_s]``, ``aleatoric = E_s[v_s]``,
+    ``epistemic = Var_s[m_s]`` (population variance; 0 for one sample), ``total`` their sum."""
+    mean = means.mean(0)
+    epistemic = means.var(0, unbiased=False) if means.shape[0] > 1 else torch.zeros_like(mean)
+    aleatoric = variances.mean(0)
+    return {"mean": mean, "aleatoric": aleatoric, "epistemic": epistemic, "total": aleatoric + epistemic}
+
+
 class NoiseScaled(Likelihood):
     """A likelihood with one noise scale ``sigma``: fixed (a buffer), learned (``log sigma``, a
     parameter) or, when ``heteroscedastic``, given per element by the network's output (then
@@ -143,12 +153,7 @@ class Gaussian(NoiseScaled):
         return _sum_per_example(elem, out.dim() - y.dim() + 1)
 
     def moments(self, outs: torch.Tensor) -> dict[str, torch.Tensor]:
-        means, variances = self._split(outs, lead=1)
-        mean = means.mean(0)
-        epistemic = means.var(0, unbiased=False) if means.shape[0] > 1 else torch.zeros_like(mean)
-        aleatoric = variances.mean(0)
-        return {"mean": mean, "aleatoric": aleatoric, "epistemic": epistemic,
-                "total": aleatoric + epistemic}
+        return mixture_moments(*self._split(outs, lead=1))
 
     def config(self) -> dict[str, Any]:
         return {"kind": "Gaussian", "sigma": None if self.heteroscedastic else self.sigma.detach().cpu(),

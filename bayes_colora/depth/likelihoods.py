@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..likelihoods import NoiseScaled
+from ..likelihoods import NoiseScaled, mixture_moments
 
 _DISTS = ("gaussian", "laplace")
 _SPACES = ("depth", "log")
@@ -169,12 +169,7 @@ class DepthLikelihood(NoiseScaled):
     def moments(self, outs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predictive depth moments per pixel from outputs ``(S, B, C, H, W)``: ``mean``,
         ``aleatoric``, ``epistemic``, ``total``, each ``(B, 1, H, W)``."""
-        means, variances = self.depth_moments(outs)
-        mean = means.mean(0)
-        epistemic = means.var(0, unbiased=False) if means.shape[0] > 1 else torch.zeros_like(mean)
-        aleatoric = variances.mean(0)
-        return {"mean": mean, "aleatoric": aleatoric, "epistemic": epistemic,
-                "total": aleatoric + epistemic}
+        return mixture_moments(*self.depth_moments(outs))
 
     def config(self) -> dict[str, Any]:
         sigma = 1.0 if self.heteroscedastic else float(self.sigma.detach())
