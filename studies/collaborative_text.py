@@ -166,13 +166,31 @@ def fit_and_evaluate(sub: bc.Subspace, train: dict[str, torch.Tensor], tests: di
     return out
 
 
-def run(cfg: Config, data_folder: str, model_path: str | None, device: str, progress: bool = True) -> dict:
+def _load_checkpoint(path: str | None, cfg: Config) -> dict:
+    """The finished cells of an earlier run with the same configuration (else an empty state)."""
+    empty = {"config": asdict(cfg), "done": [], "rows": [], "timings": {}, "kept": {}}
+    if path is None or not os.path.exists(path):
+        return empty
+    state = torch.load(path, weights_only=False)
+    if state["config"] != asdict(cfg):
+        raise ValueError(f"{path} was written by a run with another configuration; pass another --out "
+                         f"or delete the file to start afresh")
+    return state
+
+
+def run(cfg: Config, data_folder: str, model_path: str | None, device: str, progress: bool = True,
+        checkpoint: str | None = None) -> dict:
+    """The grid seeds x samples; after every (seed, n) cell the finished cells are saved atomically
+    to ``checkpoint`` (when given), and a rerun with the same file skips them."""
     encoder, tokenizer = load_sentence_encoder(model_path, device)
-    rows, kept = [], {}
-    timings: dict[str, list[float]] = {}
+    state = _load_checkpoint(checkpoint, cfg)
+    rows, kept, timings = state["rows"], state["kept"], state["timings"]
     for seed in range(cfg.seeds):
+        todo = [n for n in cfg.samples if [seed, n] not in state["done"]]
+        if not todo:
+            continue
         data = load_data(cfg, data_folder, encoder, tokenizer, seed, progress)
-        for n in cfg.samples:
+        for n in todo:
             tests = {t: _subset(data[t]["test"], len(data[t]["test"]["labels"]), i) for i, t in enumerate(cfg.tasks)}
             results = {}
             torch.manual_seed(seed)  # the adapters' random A factors
@@ -198,6 +216,11 @@ def run(cfg: Config, data_folder: str, model_path: str | None, device: str, prog
                                      "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]})
                         if seed == 0 and n == min(cfg.samples):
                             kept[(adapter, e, t)] = (m["probs"], m["labels"])
+            state["done"].append([seed, n])
+            print(f"seed {seed}, n = {n}: done ({sum(results['collaborative']['_seconds'].values()):.0f} s "
+                  f"collaborative)", flush=True)
+            if checkpoint is not None:
+                _atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
     return {"config": asdict(cfg), "rows": rows, "seconds": {k: sum(v) for k, v in timings.items()},
             "_probs": kept}
 
@@ -290,10 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"data folder {args.data} does not exist; pass --data PATH (the folder "
                                 f"with stsa.binary.train, rt-polarity.all, custrev.all, subj.all, TREC.*)")
     start = time.time()
-    results = run(cfg, args.data, args.model, args.device, progress=not args.no_progress)
+    os.makedirs(args.out, exist_ok=True)
+    results = run(cfg, args.data, args.model, args.device, progress=not args.no_progress,
+                  checkpoint=os.path.join(args.out, "cells.pt"))
     results["total_seconds"] = time.time() - start
     results["device"] = args.device
-    os.makedirs(args.out, exist_ok=True)
     paths = figures(results, args.out)
     probs = results.pop("_probs")
     _atomic_write(os.path.join(args.out, "results.json"),

