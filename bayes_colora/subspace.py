@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from itertools import chain
 from contextvars import ContextVar
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
@@ -82,6 +83,10 @@ class Subspace(nn.Module):
         params = dict(model.named_parameters())
         self.param_shapes = [params[n].shape for n in self.param_names]
         self.param_numels = [params[n].numel() for n in self.param_names]
+        # Resolved once, as ``param_names`` is (the module tree is fixed after ``from_model``),
+        # rather than by ``functional_call`` and ``adapter_layers`` on every call.
+        self._aliases = _tied_slots(model, self.param_names)
+        self._adapters = tuple(m for m in model.modules() if isinstance(m, AdapterLayer))
 
     @classmethod
     def from_model(cls, model: nn.Module, spec: AdapterSpec | Sequence[AdapterSpec],
@@ -134,11 +139,11 @@ class Subspace(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self._params()[0].device
+        return self.model.get_parameter(self.param_names[0]).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._params()[0].dtype
+        return self.model.get_parameter(self.param_names[0]).dtype
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a length-d vector into views shaped like the adapter parameters."""
@@ -155,7 +160,7 @@ class Subspace(nn.Module):
             raise ValueError(f"theta has shape {got}, expected {want} for this subspace (d = {self.dim})")
 
     def _check_not_merged(self, what: str) -> None:
-        if any(layer.merged for layer in self.adapter_layers().values()):
+        if any(layer.merged for layer in self._adapters):
             raise RuntimeError(f"{what} needs unmerged adapters: merged deltas live in the base "
                                f"weights, where theta cannot reach them; call sub.unmerge() first")
 
@@ -204,7 +209,10 @@ class Subspace(nn.Module):
     def _functional(self, theta: torch.Tensor, x: Any) -> torch.Tensor:
         args, kwargs = ((), x) if isinstance(x, Mapping) else (
             (tuple(x), {}) if isinstance(x, (tuple, list)) else ((x,), {}))
-        out = functional_call(self.model, self.unflatten(theta), args, kwargs, strict=False)
+        params = self.unflatten(theta)
+        for name, alias in self._aliases:
+            params[alias] = params[name]
+        out = functional_call(self.model, params, args, kwargs, tie_weights=False, strict=False)
         return self.output(out)
 
     # ------------------------------------------------------------- adapters
@@ -265,6 +273,27 @@ class Subspace(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, adapters={self.specs}"
+
+
+def _tied_slots(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(name, alias)`` for every other module slot (a module and attribute name) that holds the
+    same tensor as parameter ``name`` (a parameter shared by two modules). ``Subspace._functional``
+    gives each alias theta's piece too, as ``functional_call(tie_weights=True)`` would, without
+    searching the model on every call. A module reachable by two paths is one slot: swapping it
+    once reaches both (and swapping it twice would leave theta's piece in it afterwards)."""
+    slots: dict[int, dict[tuple[int, str], str]] = {}  # id(tensor) -> {(id(module), attr): name}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, t in chain(module._parameters.items(), module._buffers.items()):
+            if t is not None:
+                name = f"{prefix}.{attr}" if prefix else attr
+                slots.setdefault(id(t), {}).setdefault((id(module), attr), name)
+    aliases = []
+    for name in names:
+        prefix, _, attr = name.rpartition(".")
+        owner = model.get_submodule(prefix)
+        aliases += [(name, alias) for slot, alias in slots[id(getattr(owner, attr))].items()
+                    if slot != (id(owner), attr)]
+    return aliases
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

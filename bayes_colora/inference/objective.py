@@ -10,6 +10,8 @@ an unbiased estimate of ``-log p(theta, D) / N``; its minimiser is the MAP estim
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import os
 from typing import Any, Callable, Iterable, Iterator
 
@@ -55,6 +57,49 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+#: Losses are read back from the device (one host-device synchronisation) every this many
+#: batches, and at the end of each epoch; see :func:`optimise`.
+CHECK_EVERY = 32
+
+
+class _EpochLosses:
+    """The losses and NLLs of one epoch's batches. They stay on the device until :meth:`flush`
+    reads back the pending ones in one transfer, checks them and adds them to the sums."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.loss = self.nll = 0.0
+        self.n = 0
+
+    def add(self, i: int, loss: torch.Tensor, nll: torch.Tensor) -> None:
+        self.pending.append((i, loss.detach(), nll.detach()))
+
+    def flush(self) -> None:
+        """Raise ``ValueError`` naming the first pending batch whose loss is not finite; else add
+        the pending values, in batch order, to the sums."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        indices, losses, nlls = zip(*pending)
+        loss_values, nll_values = torch.stack([torch.stack(losses), torch.stack(nlls)]).tolist()
+        for i, loss, nll in zip(indices, loss_values, nll_values):
+            if not math.isfinite(loss):
+                raise ValueError(f"epoch {self.epoch}, batch {i}: the loss is not finite ({loss}); "
+                                 f"lower the learning rate or check the data and the likelihood's scale")
+            self.loss += loss
+            self.nll += nll
+            self.n += 1
+
+
+def _prior_on(prior: NormalPrior, like: torch.Tensor) -> NormalPrior:
+    """A copy of ``prior`` with its scale on ``like``'s device and dtype, so that ``log_prob``
+    does not copy it there (a synchronising host-to-device copy on a GPU) at every step."""
+    moved = copy.copy(prior)
+    moved.scale = prior.scale.to(like)
+    return moved
+
+
 def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Likelihood,
              prior: NormalPrior | None, n_data: int, epochs: int, optimizer: torch.optim.Optimizer,
              desc: str, progress: bool = True, bf16: bool = False,
@@ -67,31 +112,43 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
     Calls ``on_step(epoch, step)`` after every optimiser step and ``on_epoch(epoch, history)``
     after every epoch. Raises ``ValueError`` naming the batch when data or the loss is not finite,
     and when the loader is empty. Returns one record per epoch: mean ``loss`` and ``nll``.
+
+    The losses stay on the device and are read back every :data:`CHECK_EVERY` batches and at the
+    end of each epoch, so a step does not wait for the device. The first batch of the run is
+    checked before its step; a later non-finite loss is reported (epoch and first such batch)
+    at the next read-back, before the epoch's ``on_epoch``. By then up to ``CHECK_EVERY - 1``
+    steps (with their ``on_step`` calls), the bad batch's own first, may have been taken, so
+    ``theta`` and the likelihood's parameters may hold NaN. When something else fails later in the epoch
+    (bad data, a hook), the pending losses are checked first, so an earlier non-finite loss is
+    still the error reported.
     """
     history = list(history or [])
+    if prior is not None:
+        prior = _prior_on(prior, theta.detach())
     bar = tqdm(total=epochs - start_epoch, desc=desc, disable=not progress, unit="epoch")
     step = 0
     for epoch in range(start_epoch, epochs):
-        total_loss = total_nll = 0.0
-        n_batches = 0
-        for i, x, y in batches(loader, sub.device):
-            loss, nll = negative_log_joint(sub, theta, lik, prior, x, y, n_data, bf16,
-                                           check=(n_batches == 0 and epoch == start_epoch))
-            if not torch.isfinite(loss):
-                raise ValueError(f"epoch {epoch}, batch {i}: the loss is not finite ({loss.item()}); "
-                                 f"lower the learning rate or check the data and the likelihood's scale")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item()
-            total_nll += nll.item()
-            n_batches += 1
-            step += 1
-            if on_step is not None:
-                on_step(epoch, step)
-        if n_batches == 0:
+        losses = _EpochLosses(epoch)
+        try:
+            for i, x, y in batches(loader, sub.device):
+                first = step == 0
+                loss, nll = negative_log_joint(sub, theta, lik, prior, x, y, n_data, bf16, check=first)
+                losses.add(i, loss, nll)
+                if first or len(losses.pending) >= CHECK_EVERY:
+                    losses.flush()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if on_step is not None:
+                    on_step(epoch, step)
+        except Exception:
+            losses.flush()  # a non-finite loss in an earlier batch is the first error, as it happened
+            raise
+        losses.flush()
+        if losses.n == 0:
             raise ValueError("the loader is empty: it yields no batch; check the dataset and batch size")
-        history.append({"epoch": epoch + 1, "loss": total_loss / n_batches, "nll": total_nll / n_batches})
+        history.append({"epoch": epoch + 1, "loss": losses.loss / losses.n, "nll": losses.nll / losses.n})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
         if on_epoch is not None:
