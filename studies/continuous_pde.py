@@ -27,12 +27,17 @@ uq_sensors, uq_engines, uq_factors, figures`` in this order. After each one it r
 already in ``results.json["phases"]``; deleting a phase's entry makes the next run redo that
 phase, and redoing a phase drops the entries that used its output (retraining the reduced
 model redoes everything after it, any redone phase redoes the figures). ``--skip-uq`` leaves the
-three uncertainty phases for a later call.
+three uncertainty phases for a later call. ``--call-seconds S`` spends at most ``S`` s of the
+offline budget in this call: unfinished, the training state goes to ``offline_state.pt`` and the
+call ends there; a rerun with the same ``--out`` continues the training from it (same schedule),
+and the later phases run once the whole budget is spent.
 
 Usage::
 
     python studies/continuous_pde.py --quick --out runs/continuous_quick          # built-in 1-D Burgers, CPU
     python studies/continuous_pde.py --data runs/data/pde/burgers --device cuda --skip-uq --out runs/continuous_burgers
+    python studies/continuous_pde.py --data runs/data/pde/burgers --device cuda --skip-uq --seconds 1500 \
+        --call-seconds 500 --out runs/continuous_burgers_long                   # three such calls
     python studies/continuous_pde.py --data runs/data/pde/burgers --device cuda --out runs/continuous_burgers   # the UQ
     python studies/continuous_pde.py --data runs/data/pde/rde --device cuda --out runs/continuous_rde
 """
@@ -497,6 +502,10 @@ class Store:
         path = self.path(name)
         return torch.load(path, map_location=device) if os.path.exists(path) else None
 
+    def remove(self, name: str) -> None:
+        if os.path.exists(self.path(name)):
+            os.remove(self.path(name))
+
 
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
@@ -504,17 +513,22 @@ def _write_text(path: str, text: str) -> None:
 
 
 def trained(store: Store, phase: str, state_file: str, module: torch.nn.Module, device: torch.device,
-            train: Callable[[], dict]) -> None:
+            train: Callable[[], dict | None]) -> bool:
     """Load ``module``'s state from ``state_file`` when ``phase`` is recorded and the file
-    exists; otherwise ``train()`` (which returns the phase record), save the state, record."""
+    exists; otherwise ``train()`` (which returns the phase record), save the state, record.
+    Returns whether the phase is done: ``False`` when ``train()`` returned ``None`` (its
+    training budget not spent yet; nothing saved or recorded here)."""
     state = store.load_tensors(state_file, device) if store.has(phase) else None
     if state is not None:
         module.load_state_dict(state)
         print(f"{phase}: loaded {store.path(state_file)}")
-        return
+        return True
     record = train()
+    if record is None:
+        return False
     store.save_tensors(state_file, module.state_dict())
     store.record(phase, record)
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -533,6 +547,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=None, help="initial Adam learning rate")
     ap.add_argument("--final-lr", type=float, default=None, help="learning rate at the end of the cosine decay")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training loss (forward + backward)")
+    ap.add_argument("--call-seconds", type=float, default=None,
+                    help="spend at most this many seconds of the offline budget in this call; an unfinished "
+                    "training is saved to offline_state.pt and a rerun with the same --out continues it")
     ap.add_argument("--space-stride", type=int, default=0,
                     help="grid subsampling (default: down to the data set's max_grid points per axis)")
     ap.add_argument("--no-galerkin", action="store_true")
@@ -599,19 +616,37 @@ def main(argv: list[str] | None = None) -> dict:
     train_kw = {"steps": cfg.steps, "lr": cfg.lr, "final_lr": cfg.final_lr, "batch": cfg.batch,
                 "n_points": cfg.n_points, "progress": progress, "compile": args.compile}
 
-    def train_reduced() -> dict:
-        t0 = time.perf_counter()
-        hist = pde.train_offline(model, data, max_seconds=cfg.seconds, **train_kw)
-        seconds = time.perf_counter() - t0
+    def train_reduced() -> dict | None:
+        """Train (or continue from ``offline_state.pt``) for at most ``--call-seconds``; the
+        phase record once the budget is spent, else ``None`` with the state saved."""
+        saved = store.load_tensors("offline_state.pt", device)
+        state = saved if saved and not saved["finished"] else {}
+        budget = f"{cfg.seconds:g} s / {cfg.steps:,} steps"
+        if state:
+            print(f"offline: resumed at step {state['step']:,}, {state['seconds']:.1f} s of {budget} spent")
+        hist = pde.train_offline(model, data, max_seconds=cfg.seconds, state=state,
+                                 stop_after_seconds=args.call_seconds, **train_kw)
+        if not state["finished"]:
+            store.save_tensors("offline_state.pt", state)
+            print(f"offline: stopped at step {state['step']:,}, {state['seconds']:.1f} s of {budget} spent; "
+                  f"state saved to {store.path('offline_state.pt')}, rerun with the same --out to continue")
+            return None
         with torch.no_grad():
             train_pred = pde.predict_snapshots(model, data.x, data.tmu)
-        return {"steps": hist[-1]["step"], "seconds": seconds, "steps_per_second": hist[-1]["step"] / seconds,
+        return {"steps": state["step"], "seconds": state["seconds"],
+                "steps_per_second": state["step"] / state["seconds"], "calls": state["calls"],
                 "sigma_model": rms(train_pred - data.u),
                 "train_rel_err": float(pde.relative_errors(train_pred, data.u).mean()),
                 "settings": {k: v for k, v in train_kw.items() if k != "progress"} | {"max_seconds": cfg.seconds},
                 "history": hist}
 
-    trained(store, "offline", "model.pt", model, device, train_reduced)
+    if not trained(store, "offline", "model.pt", model, device, train_reduced):
+        store.res["seconds_last_call"] = time.perf_counter() - start
+        store.res["phases_last_call"] = store.done
+        store.write()
+        print(f"{args.out}: phases done in this call: none; {store.res['seconds_last_call']:.0f} s")
+        return store.res
+    store.remove("offline_state.pt")
     off = store.phases["offline"]
     print(f"offline: {off['steps']:,} steps in {off['seconds']:.0f} s, training error {off['train_rel_err']:.3e}")
 
