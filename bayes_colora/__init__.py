@@ -6,7 +6,7 @@
 >>> pred = bc.predict(sub, post, x, n_samples=32)   # .mean, .aleatoric, .epistemic, .total
 """
 from .adapters.collaborative import CollaborativeLoRA
-from .adapters import AdapterLayer, AdapterSpec, BitFit, ConvCoLoRA, DiffFit, LoRA, TuckerCoLoRA
+from .adapters import AdapterLayer, AdapterSpec, BitFit, ConvCoLoRA, DenseDelta, DiffFit, LoRA, TuckerCoLoRA
 from .inference import fit_map
 from .inference import fit_laplace
 from .inference import fit_nuts, fit_swag, fit_vi, pca_basis, random_basis
@@ -19,7 +19,7 @@ from .posterior import SamplePosterior
 from .posterior import KronGaussianPosterior
 from .predictive import Predictive, predict
 from .priors import NormalPrior
-from .subspace import Subspace
+from .subspace import Subspace, merged_model
 from . import metrics, plots
 from . import depth
 from .adapters.continuous import ContinuousLoRA; from . import pde  # noqa: E702
@@ -31,10 +31,11 @@ from . import restoration
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLayer", "AdapterSpec", "BitFit", "Categorical", "CollaborativeLoRA", "ConvCoLoRA", "DiagGaussianPosterior", "DiffFit",
+    "AdapterLayer", "AdapterSpec", "BitFit", "Categorical", "CollaborativeLoRA", "ConvCoLoRA", "DenseDelta",
+    "DiagGaussianPosterior", "DiffFit",
     "DiracPosterior", "GaussianPosterior", "LowRankGaussianPosterior",
     "Gaussian", "Likelihood", "LoRA", "NormalPrior", "Posterior", "Predictive", "Subspace", "TuckerCoLoRA",
-    "fit_map", "load_posterior", "predict",
+    "fit_map", "load_posterior", "merged_model", "predict",
     "fit_laplace", "output_covariance", "LowRankPrecisionGaussianPosterior",
     "SamplePosterior", "fit_nuts", "fit_swag", "fit_vi", "pca_basis", "random_basis",
     "ContinuousLoRA",

@@ -1,4 +1,4 @@
-r"""Metrics of predictive quality: error, negative log-likelihood, calibration.
+r"""Metrics of predictive quality: error, negative log-likelihood, calibration, sparsification.
 
 Pure functions on tensors (any device). Scalar metrics return Python floats; curves return
 tensors. Everything is computed in float64.
@@ -11,6 +11,32 @@ the metric, and only those must be finite (invalid pixels of a depth map may hol
 Classification takes ``probs`` of shape ``(B, C)`` or ``(B, C, ...)`` (classes along axis 1, as
 ``bc.Categorical``) and integer class indices ``y`` of shape ``(B,)`` or ``(B, ...)``; every
 position is one prediction.
+
+Sparsification (how well a per-pixel uncertainty ranks the per-pixel errors) takes maps of shape
+``(B, H, W)`` or ``(B, C, H, W)`` whose leading axis indexes images; a curve is computed per image
+over its valid pixels (``mask``, True = valid) and scalars are averaged over the images that have
+any. The convention is that of the common depth-uncertainty evaluation code (Ilg et al. 2018;
+Poggi et al. CVPR 2020, "On the uncertainty of self-supervised monocular depth estimation",
+``compute_aucs`` of github.com/mattpoggi/mono-uncertainty): remove the fraction ``f`` of the
+pixels with the largest uncertainty and evaluate the metric on the rest, for
+``f = 0, 0.02, ..., 0.98`` (2 % steps, :data:`DEFAULT_FRACTIONS`); the curve is *not* normalised
+by its value at ``f = 0``, and a last point ``(f = 1, 0)`` is appended, so areas are trapezoids
+over ``[0, 1]``. The *oracle* removes pixels by their true error (``uncertainty = error``).
+``AUSE = area(model) - area(oracle)`` (>= 0; 0 for a perfect ranking).
+``AURG = area(random) - area(model)``, where the random-removal curve is, in expectation, the
+full-image metric at every ``f < 1`` and, like the others, 0 at ``f = 1``. Differences from the
+reference code, all below one pixel or documented:
+
+* exactly ``f N`` of an image's ``N`` valid pixels are removed (a fractional last pixel counts
+  with its fraction), where the reference keeps the pixels at or below an interpolated percentile;
+* ties in the uncertainty are broken *in expectation*: tied pixels are removed as a group whose
+  per-pixel error is the group mean, i.e. the expected remaining error sum over random orders of
+  the tied pixels (exact for ``reduce="mean"``; for ``reduce="rms"`` the root of the expected
+  squared error). So a constant uncertainty gives the random curve and ``AURG = 0`` (up to
+  rounding; the reference keeps every tied pixel instead);
+* the reference integrates the random curve as the constant full-image metric up to ``f = 1``,
+  without the final 0 its own model curve has: its AURG is ours plus ``metric * (1 - f_last) / 2``
+  (``0.01 * metric`` for the default fractions).
 """
 from __future__ import annotations
 
@@ -24,6 +50,8 @@ from .predictive import Predictive
 
 #: default central-interval probability levels: 0.05, 0.10, ..., 0.95
 DEFAULT_LEVELS: tuple[float, ...] = tuple(i / 20 for i in range(1, 20))
+#: removed fractions of the sparsification curves: 0, 0.02, ..., 0.98 (50 steps)
+DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 50 for i in range(50))
 
 
 # --------------------------------------------------------------------------- input checks
@@ -96,6 +124,43 @@ def _broadcasts_to(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.broadcast_shapes(a.shape, b.shape) == b.shape
     except RuntimeError:
         return False
+
+
+def _bool_mask(mask: torch.Tensor, shape: torch.Size, of: str) -> torch.Tensor:
+    """``mask`` after checking that it is boolean (True = valid) and has ``of``'s ``shape``."""
+    mask = _tensor(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a boolean tensor (True = valid), got {mask.dtype}; "
+                        f"use mask.bool() or a comparison such as gt > 0")
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {of} shape {tuple(shape)}")
+    return mask
+
+
+def _image_maps(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two per-pixel maps of one shape ``(B, H, W)`` or ``(B, C, H, W)`` (leading image axis)."""
+    a, b = _tensor(a, names[0]), _tensor(b, names[1])
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} shape {tuple(a.shape)} does not match {names[1]} shape "
+                         f"{tuple(b.shape)}")
+    if b.dim() < 3:
+        raise ValueError(f"{names[0]} and {names[1]} must be maps of shape (B, H, W) or "
+                         f"(B, C, H, W), got {tuple(b.shape)}; add a leading image axis for one "
+                         f"image (x[None])")
+    return a, b
+
+
+def _per_image(valid: torch.Tensor, **maps: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Per image (leading axis of ``valid``, ``(B, ...)``) with any valid pixel, the float64 valid
+    values of each map, ``(N_b,)`` each, in the order given; non-finite values at valid pixels
+    raise, naming the map."""
+    first, *rest = maps
+    out = [_valid_elements(maps[first][b], valid[b], **{n: maps[n][b] for n in rest})
+           for b in range(valid.shape[0]) if valid[b].any()]
+    if not out:
+        raise ValueError("no valid pixel in any image: the maps are empty or the mask is all False")
+    return out
 
 
 def _classification_inputs(probs: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +269,121 @@ def interval_coverage(mean: torch.Tensor, var: torch.Tensor | float, y: torch.Te
     r"""Fraction of valid elements inside the central ``level`` interval
     ``mean +- Phi^{-1}((1 + level) / 2) sqrt(var)``; ``level`` for a calibrated predictive."""
     return regression_calibration(mean, var, y, levels=(level,), mask=mask).item()
+
+
+# --------------------------------------------------------------------------- sparsification
+
+def _fractions(fractions: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
+    f = _tensor(fractions, "fractions").double().reshape(-1)
+    if (f.numel() == 0 or f[0] != 0 or not torch.isfinite(f).all() or (f >= 1).any()
+            or (f.diff() <= 0).any()):
+        raise ValueError(f"fractions must increase strictly from 0 and stay below 1 (e.g. "
+                         f"DEFAULT_FRACTIONS = 0, 0.02, ..., 0.98), got {f.tolist()}")
+    return f
+
+
+def _reduce_mode(reduce: str) -> str:
+    if reduce not in ("mean", "rms"):
+        raise ValueError(f"reduce must be 'mean' (e.g. abs_rel) or 'rms' (e.g. rmse from absolute "
+                         f"errors), got {reduce!r}")
+    return reduce
+
+
+def _curve(error: torch.Tensor, uncertainty: torch.Tensor, f: torch.Tensor, reduce: str) -> torch.Tensor:
+    """One image: the metric of the pixels left after removing the ``f N`` most uncertain ones,
+    ties removed in expectation (module notes). ``error``, ``uncertainty`` (N,); returns (F,)."""
+    n = error.numel()
+    order = torch.argsort(uncertainty, descending=True, stable=True)
+    u, e = uncertainty[order], error[order]
+    if reduce == "rms":
+        e = e ** 2
+    group = torch.cat([e.new_zeros(1, dtype=torch.long), (u.diff() != 0).long().cumsum(0)])
+    sums = torch.zeros(int(group[-1]) + 1, dtype=e.dtype, device=e.device).index_add(0, group, e)
+    e = (sums / torch.bincount(group).to(e))[group]  # tied pixels share their group's mean error
+    tail = e.flip(0).cumsum(0).flip(0)  # tail[i] = sum_{j >= i} e_j
+    removed = f.to(e.device) * n
+    i = removed.floor().long()
+    kept = (tail[i] - (removed - i) * e[i]).clamp_min(0.0) / (n - removed)
+    return kept.sqrt() if reduce == "rms" else kept
+
+
+def _error_images(error: torch.Tensor, uncertainty: torch.Tensor,
+                  mask: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image with any valid pixel, its valid ``(error, uncertainty)``, ``(N_b,)`` each."""
+    error, uncertainty = _image_maps(error, uncertainty, ("error", "uncertainty"))
+    valid = (torch.ones_like(error, dtype=torch.bool) if mask is None
+             else _bool_mask(mask, error.shape, "error"))
+    _check_finite(error[valid], "error", mask is not None)
+    images = _per_image(valid, error=error, uncertainty=uncertainty)
+    if any((e < 0).any() for e, _ in images):
+        raise ValueError("error must be non-negative per-pixel errors (|y - y*| or "
+                         "|y - y*| / y*), not signed differences")
+    return images
+
+
+def sparsification_curve(error: torch.Tensor, uncertainty: torch.Tensor,
+                         mask: torch.Tensor | None = None,
+                         fractions: tuple[float, ...] | torch.Tensor = DEFAULT_FRACTIONS,
+                         reduce: str = "mean") -> torch.Tensor:
+    r"""Sparsification curves, one per image: the metric of the pixels left after removing the
+    fraction ``f`` with the largest ``uncertainty``, for each ``f`` in ``fractions``.
+
+    For an image with ``N`` valid pixels, errors ``e_1, ..., e_N`` in order of decreasing
+    uncertainty, ``k = f N`` pixels are removed and, with ``i = floor(k)``,
+    ``curve(f) = (sum_{j > i} e_j - (k - i) e_{i+1}) / (N - k)`` for ``reduce="mean"``; for
+    ``reduce="rms"`` the same with ``e_j^2`` inside and a square root outside. Tied
+    uncertainties share their group's mean ``e_j`` (``e_j^2``): removal in expectation over the
+    orders of the tie (module notes).
+
+    Args:
+        error: non-negative per-pixel errors ``(B, H, W)`` or ``(B, C, H, W)``, one image per
+            leading index: ``|d - d*| / d*`` with ``reduce="mean"`` gives AbsRel, ``|d - d*|``
+            with ``reduce="rms"`` gives RMSE. ``sparsification_curve(error, error)`` is the oracle.
+        uncertainty: per-pixel uncertainty of ``error``'s shape (e.g. the predictive std).
+        mask: boolean, True = valid pixel (default: all).
+        fractions: removed fractions, strictly increasing from 0, below 1
+            (default :data:`DEFAULT_FRACTIONS`, 2 % steps).
+        reduce: ``"mean"`` (the mean of the remaining errors) or ``"rms"`` (their root mean square).
+
+    Returns a float64 tensor ``(B', F)``, one row per image with any valid pixel.
+    """
+    f, reduce = _fractions(fractions), _reduce_mode(reduce)
+    return torch.stack([_curve(e, u, f, reduce) for e, u in _error_images(error, uncertainty, mask)])
+
+
+def _sparsification_areas(error: torch.Tensor, uncertainty: torch.Tensor, mask: torch.Tensor | None,
+                          fractions: tuple[float, ...] | torch.Tensor, reduce: str) -> torch.Tensor:
+    """Per image ``(B', 3)``: areas under the random, model and oracle curves over ``[0, 1]``,
+    each curve closed by the point ``(1, 0)``."""
+    f, reduce = _fractions(fractions), _reduce_mode(reduce)
+    x = torch.cat([f, f.new_ones(1)])
+    rows = []
+    for e, u in _error_images(error, uncertainty, mask):
+        f_dev = f.to(e.device)
+        model, oracle = _curve(e, u, f_dev, reduce), _curve(e, e, f_dev, reduce)
+        random = model[:1].expand_as(model)  # the full-image metric at every fraction
+        curves = torch.stack([random, model, oracle]).cpu()
+        rows.append(torch.trapezoid(torch.cat([curves, curves.new_zeros(3, 1)], 1), x, dim=1))
+    return torch.stack(rows)
+
+
+def ause(error: torch.Tensor, uncertainty: torch.Tensor, mask: torch.Tensor | None = None,
+         fractions: tuple[float, ...] | torch.Tensor = DEFAULT_FRACTIONS, reduce: str = "mean") -> float:
+    r"""Area Under the Sparsification Error: ``area(model curve) - area(oracle curve)`` per
+    image (trapezoids over ``[0, 1]``, closed by ``(1, 0)``), averaged over images. Arguments as
+    :func:`sparsification_curve`. 0 for a perfect ranking, larger is worse."""
+    areas = _sparsification_areas(error, uncertainty, mask, fractions, reduce)
+    return (areas[:, 1] - areas[:, 2]).mean().item()
+
+
+def aurg(error: torch.Tensor, uncertainty: torch.Tensor, mask: torch.Tensor | None = None,
+         fractions: tuple[float, ...] | torch.Tensor = DEFAULT_FRACTIONS, reduce: str = "mean") -> float:
+    r"""Area Under the Random Gain: ``area(random curve) - area(model curve)`` per image,
+    averaged over images; the random curve is the full-image metric at every fraction below 1
+    (its expectation under random removal). Positive when the uncertainty ranks errors better
+    than chance, 0 for a constant uncertainty. Arguments as :func:`sparsification_curve`."""
+    areas = _sparsification_areas(error, uncertainty, mask, fractions, reduce)
+    return (areas[:, 0] - areas[:, 1]).mean().item()
 
 
 # --------------------------------------------------------------------------- classification

@@ -4,9 +4,11 @@ r"""The subspace: a frozen base model plus adapters, seen as a function ``f(x; t
 ``model.named_parameters()``. ``theta = theta_0`` (the adapters' initial values, every delta zero)
 reproduces the pretrained model exactly. Evaluating ``f(x; T)`` for ``T`` of shape ``(S, d)`` runs
 ``torch.func.functional_call`` under ``torch.func.vmap``: one batched call, not a loop over S.
+:func:`merged_model` folds the adapters into a plain copy of the base architecture.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from itertools import chain
@@ -273,6 +275,38 @@ class Subspace(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, adapters={self.specs}"
+
+
+def merged_model(sub: Subspace) -> nn.Module:
+    r"""A copy of ``sub.model`` with every adapter merged and removed (``sub`` is untouched).
+
+    For every adapter ``y = base(x) + delta(x)`` whose delta is linear in the base weights' slot
+    (LoRA ``W + (alpha / r) B A``, ConvCoLoRA ``W + P * D``, BitFit ``b + db``, DiffFit,
+    DenseDelta ``W + dW``, ``b + db``), merging sets ``W <- W + dW`` (inner adapters first, as
+    :meth:`Subspace.merge`); replacing each outermost adapter module by its original layer then leaves a
+    network of the base architecture, with the base's inference cost, that computes the adapted
+    function (up to float rounding of ``W + dW``). Adapters already merged in ``sub`` stay merged.
+
+    Returns:
+        a plain module (no :class:`AdapterLayer` inside) in eval mode, parameters frozen.
+    """
+    model = copy.deepcopy(sub.model)
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    for layer in reversed(layers):  # named_modules lists outer wrappers first: merge inner first
+        if not layer.merged:
+            layer.merge()
+    for name in _outermost(model):
+        _set_submodule(model, name, model.get_submodule(name).base_layer)
+    return model.eval()
+
+
+def _outermost(model: nn.Module) -> list[str]:
+    """Qualified names of adapter layers not inside another adapter layer."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
 
 
 def _tied_slots(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bayes_colora as bc  # noqa: E402
-from bayes_colora.classification import DenseDelta, classifier, conv_targets  # noqa: E402
+from bayes_colora.classification import classifier, conv_targets  # noqa: E402
 
 
 def colora(args: argparse.Namespace, fold: bool) -> bc.Subspace:
     torch.manual_seed(0)
     model = classifier(args.backbone, 2, None, args.input_size).to(args.device)
     sub = bc.Subspace.from_model(model, [bc.ConvCoLoRA(targets=conv_targets(model, "spatial")),
-                                         DenseDelta(targets="^" + model.head_name.replace(".", r"\.") + "$")])
+                                         bc.DenseDelta(targets="^" + model.head_name.replace(".", r"\.") + "$")])
     for layer in sub.adapter_layers().values():
         if hasattr(layer, "fold"):
             layer.fold = fold

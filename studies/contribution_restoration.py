@@ -57,7 +57,7 @@ from bayes_colora import metrics as M
 from bayes_colora import restoration as R
 from bayes_colora.adapters.contribution import lora_shape
 from bayes_colora.contribution import finetune, scored_layers
-from bayes_colora.depth.metrics import DEFAULT_FRACTIONS, sparsification_curve
+from bayes_colora.metrics import DEFAULT_FRACTIONS, sparsification_curve
 from bayes_colora.posterior import LowRankGaussianPosterior
 from bayes_colora.predictive import Predictive
 from bayes_colora.subspace import _atomic_write

@@ -3,7 +3,7 @@ r"""Convolutional CoLoRA for image classification (issue 7): PneumoniaMNIST on I
 Methods, each starting from the same pretrained network with a zero-initialised head:
 
 * ``full``: full fine-tuning, a plain AdamW loop over every parameter (not a subspace: no adapter);
-* ``linear``: linear probe, the head alone (``DenseDelta``: a full update of its weight and bias);
+* ``linear``: linear probe, the head alone (``bc.DenseDelta``: a full update of its weight and bias);
 * ``bitfit``: BitFit on every layer with a bias (BatchNorm included) plus the head;
 * ``lora``: LoRA of rank ``--lora-rank`` on every convolution plus the head;
 * ``colora``: ConvCoLoRA on every convolution with a spatial kernel (ConvCoLoRA's factorisation
@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bayes_colora as bc  # noqa: E402
-from bayes_colora.classification import (DenseDelta, classifier, conv_targets, load_medmnist,  # noqa: E402
-                                         merged_model, synthetic_medmnist)
+from bayes_colora.classification import (classifier, conv_targets, load_medmnist,  # noqa: E402
+                                         synthetic_medmnist)
 from bayes_colora.subspace import _atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,9 +186,9 @@ def build(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
 
 
 def specs(method: str, model: torch.nn.Module, args: argparse.Namespace) -> list[bc.AdapterSpec]:
-    """The adapters of a subspace method; every one trains the head in full (``DenseDelta``)."""
+    """The adapters of a subspace method; every one trains the head in full (``bc.DenseDelta``)."""
     head = re.escape(model.head_name)
-    head_specs = [DenseDelta(targets="^" + head + "$")]
+    head_specs = [bc.DenseDelta(targets="^" + head + "$")]
     if method == "linear":
         return head_specs
     if method == "bitfit":
@@ -299,7 +299,7 @@ def inference_seconds(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
 def merge_check(sub: bc.Subspace, base: torch.nn.Module, data: dict, args: argparse.Namespace) -> dict[str, Any]:
     """Merged plain network vs adapted network: logits, leftover adapters, inference time."""
-    plain = merged_model(sub)
+    plain = bc.merged_model(sub)
     x = data["val"][0][: args.eval_batch]
     with torch.no_grad():
         adapted, merged = sub(x), plain(x)

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes_colora as bc
-from bayes_colora.classification import (DenseDelta, classifier, conv_targets, load_medmnist, merged_model,
-                                         mobilenet_v2, prepare_images, synthetic_medmnist, timm_classifier,
-                                         tiny_cnn)
+from bayes_colora.classification import (classifier, conv_targets, load_medmnist, mobilenet_v2, prepare_images,
+                                         synthetic_medmnist, timm_classifier, tiny_cnn)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT / ".." / "shared" / "data" / "medmnist" / "pneumoniamnist_train_val.npz"
@@ -166,7 +165,7 @@ def test_dense_delta_is_full_update():
     torch.manual_seed(0)
     layer = nn.Linear(5, 3)
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
-    sub = bc.Subspace.from_model(nn.Sequential(layer), DenseDelta())
+    sub = bc.Subspace.from_model(nn.Sequential(layer), bc.DenseDelta())
     assert sub.dim == 18
     theta = torch.randn(18)
     sub.theta = theta
@@ -175,13 +174,32 @@ def test_dense_delta_is_full_update():
         torch.testing.assert_close(sub(x), x @ (w + theta[:15].reshape(3, 5)).T + b + theta[15:])
 
 
+def test_dense_delta_without_bias_updates_the_weight_only():
+    """out * in parameters; the adapted and the merged plain layer both compute (W + dW) x."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3, bias=False)
+    w = layer.weight.detach().clone()
+    sub = bc.Subspace.from_model(nn.Sequential(layer), bc.DenseDelta())
+    assert sub.dim == 15
+    theta = torch.randn(15)
+    sub.theta = theta
+    x = torch.randn(4, 5)
+    want = x @ (w + theta.reshape(3, 5)).T
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), want)
+        plain = bc.merged_model(sub)
+        torch.testing.assert_close(plain(x), want)
+    assert type(plain[0]) is nn.Linear and plain[0].bias is None
+    assert not any(p.requires_grad for p in plain.parameters()) and not plain.training
+
+
 def _adapted_tiny() -> tuple[bc.Subspace, nn.Module]:
     torch.manual_seed(0)
     model = tiny_cnn(3, input_size=16)
     base = copy.deepcopy(model)
     head = r"^net\.classifier$"
     sub = bc.Subspace.from_model(model, [bc.ConvCoLoRA(targets=conv_targets(model, "spatial")),
-                                         DenseDelta(targets=head), bc.BitFit(targets=r"norm$")])
+                                         bc.DenseDelta(targets=head), bc.BitFit(targets=r"norm$")])
     sub.theta = sub.theta + 0.3 * torch.randn(sub.dim, generator=torch.Generator().manual_seed(1))
     return sub, base
 
@@ -193,7 +211,7 @@ def test_merged_model_is_exact():
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         adapted = sub(x)
-        plain = merged_model(sub)
+        plain = bc.merged_model(sub)
         merged = plain(x)
     assert not any(isinstance(m, bc.AdapterLayer) for m in plain.modules())
     assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
@@ -213,7 +231,7 @@ def test_merge_and_reset_keeps_function():
         before = sub(x)
         sub.merge_and_reset(torch.Generator().manual_seed(3))
         torch.testing.assert_close(sub(x), before, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(merged_model(sub)(x), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bc.merged_model(sub)(x), before, rtol=1e-5, atol=1e-5)
     depth = [m.depthwise for m in sub.adapter_layers().values() if hasattr(m, "depthwise")]
     assert depth and all(not d.any() for d in depth)
 

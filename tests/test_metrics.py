@@ -284,3 +284,131 @@ def test_summarize_errors():
         M.summarize(pred, torch.zeros(3), "segmentation")
     with pytest.raises(ValueError, match="no class probabilities"):
         M.summarize(pred, torch.zeros(3, dtype=torch.long), "classification")
+
+
+# --------------------------------------------------------------------------- sparsification
+
+QUARTERS = (0.0, 0.25, 0.5, 0.75)
+
+
+def one_image(values) -> torch.Tensor:
+    """A (1, 1, 1, N) map holding ``values``."""
+    return torch.tensor(values, dtype=torch.float64).reshape(1, 1, 1, -1)
+
+
+def test_reversed_ranking_curves_and_areas_by_hand():
+    error = one_image([1.0, 2.0, 3.0, 4.0])
+    reversed_u = one_image([4.0, 3.0, 2.0, 1.0])             # most confident where the error is largest
+    # removing 0, 1, 2, 3 of 4 pixels: model keeps the largest errors, oracle the smallest
+    model = M.sparsification_curve(error, reversed_u, fractions=QUARTERS)
+    oracle = M.sparsification_curve(error, error, fractions=QUARTERS)
+    torch.testing.assert_close(model, torch.tensor([[2.5, 3.0, 3.5, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(oracle, torch.tensor([[2.5, 2.0, 1.5, 1.0]], dtype=torch.float64))
+    # trapezoids over [0, 1] closed by (1, 0): model 0.25 (2.75 + 3.25 + 3.75 + 2) = 2.9375,
+    # oracle 0.25 (2.25 + 1.75 + 1.25 + 0.5) = 1.4375, random 0.25 (3 * 2.5 + 1.25) = 2.1875
+    assert M.ause(error, reversed_u, fractions=QUARTERS) == pytest.approx(1.5)
+    assert M.aurg(error, reversed_u, fractions=QUARTERS) == pytest.approx(2.1875 - 2.9375)
+    assert M.aurg(error, error, fractions=QUARTERS) == pytest.approx(2.1875 - 1.4375)
+
+
+def test_rms_reduction_by_hand():
+    error = one_image([1.0, 2.0, 3.0, 4.0])
+    model = M.sparsification_curve(error, one_image([4.0, 3.0, 2.0, 1.0]), fractions=QUARTERS, reduce="rms")
+    want = torch.tensor([[math.sqrt(30 / 4), math.sqrt(29 / 3), math.sqrt(25 / 2), 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(model, want)
+
+
+def test_fractional_removal_and_ties_in_expectation():
+    error = one_image([1.0, 2.0, 3.0, 4.0])
+    # 0.1 * 4 = 0.4 pixel of the error-4 pixel removed: (10 - 0.4 * 4) / 3.6
+    curve = M.sparsification_curve(error, error, fractions=(0.0, 0.1))
+    assert curve[0, 1].item() == pytest.approx(8.4 / 3.6)
+    # pixels 1 and 2 tie for most uncertain: removing one leaves mean(2,3,4) = 3 or mean(1,3,4) = 8/3
+    tied = M.sparsification_curve(error, one_image([1.0, 1.0, 0.0, 0.0]), fractions=QUARTERS)
+    assert tied[0, 1].item() == pytest.approx((3 + 8 / 3) / 2)
+    assert tied[0, 2].item() == pytest.approx(3.5)             # the whole tie group is gone
+
+
+def test_perfect_ranking_has_zero_ause_and_positive_aurg():
+    g = torch.Generator().manual_seed(3)
+    error = torch.rand(3, 1, 10, 10, generator=g, dtype=torch.float64)
+    for reduce in ("mean", "rms"):
+        assert M.ause(error, error, reduce=reduce) == pytest.approx(0.0, abs=1e-15)
+        # any increasing function of the error ranks the same way
+        assert M.ause(error, 2 * error ** 2 + 1, reduce=reduce) == pytest.approx(0.0, abs=1e-15)
+        assert M.aurg(error, error, reduce=reduce) > 0.1
+
+
+def test_constant_uncertainty_is_the_random_curve():
+    error = 0.5 + 9.5 * torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(4),
+                                   dtype=torch.float64)
+    flat = torch.ones_like(error)
+    curve = M.sparsification_curve(error, flat)
+    torch.testing.assert_close(curve, error.flatten(1).mean(1, keepdim=True).expand_as(curve))
+    # exactly 0 in exact arithmetic; float64 rounding of the group means leaves ~1e-16
+    assert M.aurg(error, flat) == pytest.approx(0.0, abs=1e-12)
+    assert M.aurg(error, flat, reduce="rms") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_uninformative_uncertainty_has_aurg_within_random_permutation_noise():
+    # For an uncertainty independent of the error the removal order is a uniform random permutation,
+    # so the curve at f (k = f N removed, m = N - k left) is the mean of m errors drawn without
+    # replacement: mean = the full mean, sd = s sqrt((N - m) / (m (N - 1))) with s^2 the
+    # population variance. AURG = sum_j w_j (full - curve_j) (trapezoid weights w_j; the closing
+    # points cancel), so sd(AURG) <= sum_j w_j sd_j per image (Minkowski), / sqrt(B) over B images.
+    b, n = 8, 1000
+    g = torch.Generator().manual_seed(5)
+    error = torch.rand(b, 1, 1, n, generator=g, dtype=torch.float64) ** 3
+    noise = torch.rand(b, 1, 1, n, generator=g, dtype=torch.float64)
+    f = torch.tensor(M.DEFAULT_FRACTIONS, dtype=torch.float64)
+    x = torch.cat([f, torch.ones(1, dtype=torch.float64)])
+    w = torch.zeros_like(x)
+    w[:-1] += x.diff() / 2
+    w[1:] += x.diff() / 2
+    m = n - f * n
+    sd_bounds = [(w[:-1] * e.std(unbiased=False) * ((n - m) / (m * (n - 1))).sqrt()).sum().item()
+                 for e in error.flatten(1)]
+    bound = sum(sd_bounds) / b / math.sqrt(b)
+    value = M.aurg(error, noise)
+    assert abs(value) < 4 * bound, (value, bound)
+    assert M.aurg(error, error) > 20 * bound                   # the bound has power
+
+
+def test_mask_drops_pixels_from_sparsification():
+    error = one_image([1.0, 2.0, 3.0, 4.0, 100.0])
+    u = one_image([4.0, 3.0, 2.0, 1.0, math.nan])
+    mask = one_image([1, 1, 1, 1, 0]).bool()
+    assert M.ause(error, u, mask, fractions=QUARTERS) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(fractions=(0.1, 0.5)), ValueError, "from 0"),
+    (dict(fractions=(0.0, 0.5, 0.5)), ValueError, "increase strictly"),
+    (dict(fractions=(0.0, 1.0)), ValueError, "below 1"),
+    (dict(reduce="median"), ValueError, "reduce must be"),
+])
+def test_bad_sparsification_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        M.ause(one_image([1.0, 2.0]), one_image([1.0, 2.0]), **kwargs)
+
+
+def test_bad_sparsification_inputs_raise():
+    with pytest.raises(ValueError, match="non-negative"):
+        M.ause(one_image([-1.0, 2.0]), one_image([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"error shape \(1, 1, 1, 2\) does not match uncertainty"):
+        M.ause(one_image([1.0, 2.0]), one_image([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="error has 1 non-finite"):
+        M.ause(one_image([math.nan, 2.0]), one_image([1.0, 2.0]))
+    with pytest.raises(ValueError, match="uncertainty has 1 non-finite"):
+        M.ause(one_image([1.0, 2.0]), one_image([math.inf, 2.0]))
+    with pytest.raises(ValueError, match="leading image axis"):
+        M.ause(torch.ones(4, 4), torch.ones(4, 4))
+    with pytest.raises(ValueError, match="no valid pixel"):
+        M.ause(one_image([1.0, 2.0]), one_image([1.0, 2.0]), one_image([0, 0]).bool())
+
+
+def test_depth_kit_reexports_the_core_sparsification():
+    """bc.depth.metrics.ause etc. stay part of the depth kit's API: the core objects themselves."""
+    for name in ("DEFAULT_FRACTIONS", "sparsification_curve", "ause", "aurg"):
+        assert getattr(bc.depth.metrics, name) is getattr(M, name) is getattr(bc.depth, name)
+        assert name in bc.depth.metrics.__all__

@@ -23,8 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .. import metrics as M
+from ..metrics import DEFAULT_FRACTIONS, sparsification_curve
 from ..plots import _axes, _diagonal, _finish, _numpy
-from .metrics import DEFAULT_FRACTIONS, sparsification_curve, valid_depth_mask
+from .metrics import valid_depth_mask
 
 PANEL_COLUMNS = ("RGB", "ground truth", "prediction", "|error|", "uncertainty (std)")
 
@@ -87,11 +88,11 @@ def sparsification_curves(mean: torch.Tensor, std: torch.Tensor, gt_depth: torch
                           metric: str = "rmse", min_depth: float = 1e-3
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean over images of the sparsification curve of ``std`` and of its oracle (removal by
-    the true error), each ``(F,)`` at :data:`~bayes_colora.depth.metrics.DEFAULT_FRACTIONS`.
+    the true error), each ``(F,)`` at :data:`~bayes_colora.metrics.DEFAULT_FRACTIONS`.
 
     ``metric``: ``"rmse"`` (``|d - d*|``, root mean square) or ``"abs_rel"``
     (``|d - d*| / d*``, mean); the per-image curves are those of
-    :func:`~bayes_colora.depth.metrics.ause`.
+    :func:`~bayes_colora.metrics.ause`.
     """
     if metric not in ("rmse", "abs_rel"):
         raise ValueError(f"metric must be 'rmse' or 'abs_rel', got {metric!r}")

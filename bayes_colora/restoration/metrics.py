@@ -8,15 +8,14 @@ window, sigma 1.5), per image, averaged over images. For the uncertainty, per pi
            u = \sqrt{\tfrac1C \sum_c \sigma^2_c},
 
 and the sparsification curves remove the pixels with the largest ``u`` and report the RMSE of
-the rest (``reduce="rms"``); ``AUSE`` and ``AURG`` are those of :mod:`bayes_colora.depth.metrics`
-(generic over per-pixel error and uncertainty), per image, averaged.
+the rest (``reduce="rms"``); ``AUSE`` and ``AURG`` are those of :mod:`bayes_colora.metrics`
+(:func:`~bayes_colora.metrics.ause`, :func:`~bayes_colora.metrics.aurg`), per image, averaged.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import metrics as M
-from ..depth import metrics as S
 from ..predictive import Predictive
 
 
@@ -64,6 +63,6 @@ def evaluate_restoration(pred: Predictive, target: torch.Tensor) -> dict[str, fl
     epistemic = pixel_error_and_uncertainty(pred.mean, pred.epistemic, target)[1]
     return {"psnr": psnr(pred.mean, target), "ssim": ssim(pred.mean, target),
             "nll": M.gaussian_nll(pred.mean.float(), pred.total.float(), target.float()),
-            "ause": S.ause(error, unc, reduce="rms"), "aurg": S.aurg(error, unc, reduce="rms"),
-            "aurg_aleatoric": S.aurg(error, aleatoric, reduce="rms"),
-            "aurg_epistemic": S.aurg(error, epistemic, reduce="rms")}
+            "ause": M.ause(error, unc, reduce="rms"), "aurg": M.aurg(error, unc, reduce="rms"),
+            "aurg_aleatoric": M.aurg(error, aleatoric, reduce="rms"),
+            "aurg_epistemic": M.aurg(error, epistemic, reduce="rms")}
