@@ -20,7 +20,7 @@ from .posterior import KronGaussianPosterior
 from .predictive import Predictive, predict
 from .priors import NormalPrior
 from .subspace import Subspace, merged_model
-from . import metrics, plots
+from . import metrics, plots, weights
 from . import depth
 from .adapters.continuous import ContinuousLoRA; from . import pde  # noqa: E702
 from . import classification

@@ -120,7 +120,7 @@ def mobilenet_weights(args: argparse.Namespace) -> str | None:
         if os.path.isfile(path):
             return path
     try:
-        bc.depth.models.mobilenet_imagenet_weights()
+        bc.weights.mobilenet_imagenet_weights()
         return "imagenet"
     except FileNotFoundError:
         return None

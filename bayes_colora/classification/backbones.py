@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..depth.models import load_mobilenet_features, mobilenet_imagenet_weights
+from ..weights import load_mobilenet_features, mobilenet_imagenet_weights
 from .medmnist import prepare_images
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
