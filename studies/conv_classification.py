@@ -14,17 +14,23 @@ Methods, each starting from the same pretrained network with a zero-initialised 
 
 Subspace methods train with ``bc.fit_map`` (prior ``N(0, 1)`` on theta); BatchNorm statistics stay
 frozen in every method. The epoch with the lowest NLL on a held-out part of the train split
-(``--holdout``) is kept; everything is reported on ``val``. For ConvCoLoRA the engines MAP,
+(``--holdout``) is kept; everything is reported on ``val``. With ``--seeds K`` every method is
+trained K times, with torch seeds ``--seed + s`` (s = 0..K-1: initialisation, shuffling,
+merge-and-reset draws) on the same fit/holdout split, and reported as the mean and the sample
+standard deviation over seeds (per-seed rows in ``results.json``). For ConvCoLoRA the engines MAP,
 Laplace (diagonal GGN from Rademacher probes), SWAG and VI (mean-field), all started from the MAP
 estimate, are compared by NLL, ECE and reliability diagrams; each engine's settings are chosen on
 the same holdout by the NLL of its predictive (Laplace: prior precision x temperature, and the
 linearised or the sampled predictive; SWAG: learning rate x covariance scale; VI: temperature;
-the grids are the ``LAPLACE_*``, ``SWAG_*`` and ``VI_*`` constants). The merge path is checked:
-the merged plain network gives the adapted logits, at the base network's cost.
+the grids are the ``LAPLACE_*``, ``SWAG_*`` and ``VI_*`` constants); they, the merge check and
+the reliability diagrams use the first seed's ConvCoLoRA only (the accuracy-vs-parameters figure
+plots the means). The merge path is checked: the merged plain
+network gives the adapted logits, at the base network's cost.
 
     python studies/conv_classification.py --quick --out /tmp/conv                # CPU, synthetic set
     python studies/conv_classification.py --device cuda --out runs/conv \
-        --data data/medmnist/pneumoniamnist_train_val.npz --weights data/weights/mobilenetv2_imagenet_features.pt
+        --data data/medmnist/pneumoniamnist_train_val.npz --weights data/weights/mobilenetv2_imagenet_features.pt \
+        --seeds 3                                                                    # mean +- std over 3 seeds
 """
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ SWAG_LR_FRACTIONS = (0.5, 0.1, 0.02)
 SWAG_SCALES = (0.5, 1.0, 2.0, 4.0)
 #: VI: likelihood temperature (``log p(D | theta) / T``; T < 1: a colder, narrower posterior)
 VI_TEMPERATURES = (1.0, 0.1)
+#: per-method quantities averaged over seeds with --seeds K > 1 (mean and sample standard deviation)
+SEED_METRICS = ("accuracy", "auc", "nll", "ece", "time_per_epoch_s")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -103,7 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swag-epochs", type=int, default=2)
     p.add_argument("--vi-epochs", type=int, default=2)
     p.add_argument("--eval-batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data split seed and the first training seed")
+    p.add_argument("--seeds", type=int, default=1, help="train every method with seeds --seed .. --seed + K - 1 "
+                   "(the fit/holdout split stays that of --seed; engines on the first seed only)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK)
@@ -112,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.weights = None
     if not 0 < args.holdout < 1:
         p.error(f"--holdout must be in (0, 1), got {args.holdout}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     return args
 
 
@@ -281,6 +293,21 @@ def run_method(method: str, data: dict, args: argparse.Namespace, num_classes: i
     return row, sub, model
 
 
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    r"""One method's row from its K >= 2 per-seed rows: for each ``m`` in ``SEED_METRICS`` the mean
+    ``m = (1/K) sum_s m_s`` and the sample standard deviation ``m_std = sqrt(sum_s (m_s - m)^2 / (K - 1))``;
+    ``best_epoch`` and ``seeds`` become per-seed lists and ``per_seed`` holds the rows themselves."""
+    first = runs[0]
+    row = {k: first[k] for k in ("method", "trainable", "fraction", "network_params")}
+    row["seeds"] = [r["seed"] for r in runs]
+    row["best_epoch"] = [r["best_epoch"] for r in runs]
+    for k in SEED_METRICS:
+        values = [r[k] for r in runs]
+        row[k], row[k + "_std"] = statistics.fmean(values), statistics.stdev(values)
+    row["per_seed"] = runs
+    return row
+
+
 # ------------------------------------------------------------------------------- merge path
 @torch.no_grad()
 def inference_seconds(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int,
@@ -441,14 +468,30 @@ def figures(rows: list[dict], probs: dict[str, torch.Tensor], y: torch.Tensor,
 
 
 def markdown(rows: list[dict], engine_rows: list[dict], merge: dict | None, targets: dict) -> str:
-    lines = ["| method | trainable | % of network | time/epoch (s) | best epoch | val acc | val AUC | NLL | ECE |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.2f} | "
-                     f"{r['time_per_epoch_s']:.3f} | {r['best_epoch']} | {r['accuracy']:.4f} | "
-                     f"{r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |")
+    """The tables; rows from ``over_seeds`` (several seeds) show ``mean ± std`` and one section more."""
+    seeds = rows[0].get("seeds") if rows else None
+    if seeds is None:
+        lines = ["| method | trainable | % of network | time/epoch (s) | best epoch | val acc | val AUC | NLL | ECE |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.2f} | "
+                         f"{r['time_per_epoch_s']:.3f} | {r['best_epoch']} | {r['accuracy']:.4f} | "
+                         f"{r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |")
+    else:
+        lines = [f"Mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}; "
+                 "same fit/holdout split); best epoch per seed.", "",
+                 "| method | trainable | % of network | time/epoch (s) | best epoch | val acc | val AUC | NLL | ECE |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        digits = {k: 3 if k == "time_per_epoch_s" else 4 for k in SEED_METRICS}
+        for r in rows:
+            cells = [f"{r[k]:.{digits[k]}f} ± {r[k + '_std']:.{digits[k]}f}" for k in SEED_METRICS]
+            lines.append(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.2f} | {cells[4]} | "
+                         f"{', '.join(map(str, r['best_epoch']))} | {' | '.join(cells[:4])} |")
     if engine_rows:
-        lines += ["", "| ConvCoLoRA engine | chosen on the holdout | holdout NLL | fit + tuning (s) | val acc | "
+        lines += [""]
+        if seeds is not None:
+            lines += [f"Engines, merge check and reliability diagrams: ConvCoLoRA of seed {seeds[0]} only.", ""]
+        lines += ["| ConvCoLoRA engine | chosen on the holdout | holdout NLL | fit + tuning (s) | val acc | "
                   "val AUC | NLL | ECE |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['engine']} | {_settings(r['chosen'])} | {r['holdout_nll']:.4f} | {r['fit_s']:.2f} | "
                   f"{r['accuracy']:.4f} | {r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
@@ -469,6 +512,7 @@ def _settings(chosen: dict[str, Any]) -> str:
 
 
 def check_targets(rows: list[dict], engine_rows: list[dict]) -> dict[str, Any]:
+    """The issue's targets; with several seeds on the means over seeds."""
     by = {r["method"]: r for r in rows}
     out: dict[str, Any] = {}
     if "full" in by and "colora" in by:
@@ -494,11 +538,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_classes = int(max(data["fit"][1].max(), data["val"][1].max())) + 1
     rows, engine_rows, merge, probs = [], [], None, {}
     for method in tqdm(args.methods, desc="methods", disable=not args.progress):
-        row, sub, base = run_method(method, data, args, num_classes)
-        rows.append(row)
-        if method == "colora":
-            merge = merge_check(sub, base, data, args)
-            engine_rows, probs = run_engines(sub, data, args)
+        runs = []
+        for s in range(args.seeds):
+            seed_args = copy.copy(args)
+            seed_args.seed = args.seed + s
+            row, sub, base = run_method(method, data, seed_args, num_classes)
+            runs.append(row if args.seeds == 1 else {"seed": seed_args.seed, **row})
+            if method == "colora" and s == 0:
+                merge = merge_check(sub, base, data, seed_args)
+                engine_rows, probs = run_engines(sub, data, seed_args)
+                if args.seeds > 1:
+                    merge = {"seed": seed_args.seed, **merge}
+                    engine_rows = [{"seed": seed_args.seed, **r} for r in engine_rows]
+        rows.append(runs[0] if args.seeds == 1 else over_seeds(runs))
     targets = check_targets(rows, engine_rows)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results = {"config": config, "methods": rows, "engines": engine_rows, "merge": merge,

@@ -273,6 +273,37 @@ def test_study_quick(tmp_path):
     assert all(r["holdout_nll"] > 0 for r in saved["engines"])
 
 
+def test_study_seeds(tmp_path):
+    """--seeds 2: two per-seed rows per method (seeds 0 and 1, different training runs on the same
+    split), means and sample standard deviations of exactly those rows, engines on seed 0 only."""
+    study = _study()
+    study.main(["--quick", "--out", str(tmp_path), "--no-progress", "--epochs", "1", "--seeds", "2",
+                "--methods", "linear", "colora", "--n-samples", "4", "--laplace-probes", "2",
+                "--subset", "160", "--vi-epochs", "1", "--swag-epochs", "1"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in saved["methods"]] == ["linear", "colora"]
+    for row in saved["methods"]:
+        runs = row["per_seed"]
+        assert [r["seed"] for r in runs] == row["seeds"] == [0, 1]
+        assert row["best_epoch"] == [r["best_epoch"] for r in runs]
+        assert all(r["trainable"] == row["trainable"] for r in runs)
+        # different seeds shuffle differently: the holdout curves differ
+        assert runs[0]["holdout_nll"] != runs[1]["holdout_nll"]
+        for k in study.SEED_METRICS:
+            a, b = runs[0][k], runs[1][k]
+            assert row[k] == pytest.approx((a + b) / 2, rel=1e-12, abs=1e-15)
+            # sample standard deviation of two values: |a - b| / sqrt(2)
+            assert row[k + "_std"] == pytest.approx(abs(a - b) / 2 ** 0.5, rel=1e-12, abs=1e-15)
+    assert [r["engine"] for r in saved["engines"]] == ["map", "laplace", "swag", "vi"]
+    assert {r["seed"] for r in saved["engines"]} == {0} and saved["merge"]["seed"] == 0
+    # the MAP engine is seed 0's ConvCoLoRA
+    colora0 = saved["methods"][1]["per_seed"][0]
+    assert saved["engines"][0]["accuracy"] == colora0["accuracy"] and saved["engines"][0]["nll"] == pytest.approx(
+        colora0["nll"], rel=1e-6)
+    table = (tmp_path / "results.md").read_text()
+    assert "over 2 seeds" in table and "seed 0 only" in table and " ± " in table
+
+
 def test_study_subset_is_random(tmp_path):
     """A split stored sorted by class still gives both classes in a --subset, and the holdout
     and fit parts partition the subset."""
