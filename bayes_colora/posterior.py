@@ -4,10 +4,12 @@
 ``(d, d)`` where the posterior has one. ``save(path)`` writes one file atomically and
 :func:`load_posterior` reads it back: the loaded posterior gives the same samples for the same
 generator. A posterior also remembers the likelihood it was fitted with, so ``bc.predict`` can
-split predictive variance into aleatoric and epistemic parts.
+split predictive variance into aleatoric and epistemic parts. ``scaled(c)`` gives the same
+posterior with its covariance multiplied by ``c`` (a tempered or calibrated spread).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, ClassVar
 
@@ -61,6 +63,26 @@ class Posterior:
 
     #: True where ``theta`` and its reflection ``2 mean - theta`` are equally likely (Gaussians)
     is_symmetric: ClassVar[bool] = False
+
+    def scaled(self, c: float) -> "Posterior":
+        r"""The same posterior with its covariance multiplied by ``c > 0``: mean ``mu`` unchanged,
+        covariance ``c Sigma``, i.e. the law of ``mu + sqrt(c) (theta - mu)`` for ``theta`` drawn
+        from this posterior. Each class keeps its own parametrisation (a Cholesky or low-rank
+        factor times ``sqrt(c)``, variances times ``c``, a precision divided by ``c``), and the
+        likelihood, the history and any other attributes carry over. ``c = 1`` gives an equal
+        posterior; ``c < 1`` sharpens it, ``c > 1`` widens it (e.g. SWAG's covariance scale).
+
+        Raises ``ValueError`` unless ``c`` is a finite positive number.
+        """
+        c = float(c)
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"scaled(c) needs a finite c > 0 (the covariance c Sigma must stay a "
+                             f"covariance), got {c!r}")
+        return self._scaled(c)
+
+    def _scaled(self, c: float) -> "Posterior":
+        """:meth:`scaled` for a checked ``c > 0``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement scaled()")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this posterior (and its likelihood) to one file, atomically."""
@@ -127,6 +149,10 @@ class DiracPosterior(Posterior):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.theta_hat.expand(n, -1).clone()
 
+    def _scaled(self, c: float) -> "DiracPosterior":
+        """``c * 0 = 0``: the point mass itself."""
+        return self
+
 
 def standard_normal(shape: tuple[int, ...], like: torch.Tensor,
                     generator: torch.Generator | None) -> torch.Tensor:
@@ -180,6 +206,11 @@ class GaussianPosterior(_Gaussian):
         eps = standard_normal((n, self.loc.shape[0]), self.loc, generator)
         return self.loc + eps @ self.scale_tril.mT
 
+    def _scaled(self, c: float) -> "GaussianPosterior":
+        r"""``(sqrt(c) L)(sqrt(c) L)^T = c L L^T``."""
+        return GaussianPosterior(self.loc, math.sqrt(c) * self.scale_tril, likelihood=self.likelihood,
+                                 history=self.history)
+
 
 class DiagGaussianPosterior(_Gaussian):
     """``N(mu, diag(std^2))``."""
@@ -201,6 +232,11 @@ class DiagGaussianPosterior(_Gaussian):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.loc + self.std * standard_normal((n, self.loc.shape[0]), self.loc, generator)
+
+    def _scaled(self, c: float) -> "DiagGaussianPosterior":
+        """``diag((sqrt(c) std)^2) = c diag(std^2)``."""
+        return DiagGaussianPosterior(self.loc, math.sqrt(c) * self.std, likelihood=self.likelihood,
+                                     history=self.history)
 
 
 class LowRankGaussianPosterior(_Gaussian):
@@ -227,6 +263,11 @@ class LowRankGaussianPosterior(_Gaussian):
         e1 = standard_normal((n, d), self.loc, generator)
         e2 = standard_normal((n, k), self.loc, generator)
         return self.loc + self.diag_var.clamp_min(0).sqrt() * e1 + e2 @ self.factor.mT
+
+    def _scaled(self, c: float) -> "LowRankGaussianPosterior":
+        r"""``diag(c v) + (sqrt(c) F)(sqrt(c) F)^T = c (diag(v) + F F^T)``."""
+        return LowRankGaussianPosterior(self.loc, c * self.diag_var, math.sqrt(c) * self.factor,
+                                        likelihood=self.likelihood, history=self.history)
 
 
 class LowRankPrecisionGaussianPosterior(_Gaussian):
@@ -263,6 +304,13 @@ class LowRankPrecisionGaussianPosterior(_Gaussian):
         z = standard_normal((n, self.loc.shape[0]), self.loc, generator)
         z = z + ((z @ self.eigvecs) * ((1 + self.eigvals).rsqrt() - 1)) @ self.eigvecs.mT
         return self.loc + self.prior_std * z
+
+    def _scaled(self, c: float) -> "LowRankPrecisionGaussianPosterior":
+        r"""``P / c = (sqrt(c) S)^{-1} (I + U diag(lam) U^T) (sqrt(c) S)^{-1}``: ``prior_std`` times
+        ``sqrt(c)``, ``U`` and ``lam`` unchanged (the same low-rank-plus-prior structure)."""
+        return LowRankPrecisionGaussianPosterior(self.loc, math.sqrt(c) * self.prior_std, self.eigvecs,
+                                                 self.eigvals, likelihood=self.likelihood,
+                                                 history=self.history)
 
 
 class KronGaussianPosterior(_Gaussian):
@@ -363,6 +411,14 @@ class KronGaussianPosterior(_Gaussian):
         noise[:, self.diag_index] = eps[:, self.diag_index] * self.diag_precision.rsqrt()
         return self.loc + noise
 
+    def _scaled(self, c: float) -> "KronGaussianPosterior":
+        r"""``P / c``: per block ``(H / c) kron Q + (delta / c) I``, i.e. ``lam_h / c`` and
+        ``delta / c`` with the eigenvectors unchanged (so ``D / c``), and ``diag_precision / c``."""
+        blocks = [{**b, "h_eigvals": b["h_eigvals"] / c, "prior_precision": b["prior_precision"] / c}
+                  for b in self.blocks]
+        return KronGaussianPosterior(self.loc, blocks, self.diag_index, self.diag_precision / c,
+                                     likelihood=self.likelihood, history=self.history)
+
 
 class SamplePosterior(Posterior):
     r"""An empirical posterior: ``M`` samples ``(M, d)`` (e.g. from MCMC). ``sample(n)`` draws
@@ -396,3 +452,11 @@ class SamplePosterior(Posterior):
         device = generator.device if generator is not None else self.samples.device
         idx = torch.randint(self.samples.shape[0], (n,), generator=generator, device=device)
         return self.samples[idx.to(self.samples.device)]
+
+    def _scaled(self, c: float) -> "SamplePosterior":
+        r"""The samples ``mu + sqrt(c) (theta_m - mu)`` about their mean ``mu``: the same mean, the
+        sample covariance times ``c``. ``r_hat`` and ``ess`` carry over unchanged (both are
+        invariant under one affine map per coordinate applied to every chain)."""
+        mu = self.mean
+        return SamplePosterior(mu + math.sqrt(c) * (self.samples - mu), r_hat=self.r_hat, ess=self.ess,
+                               likelihood=self.likelihood, history=self.history)

@@ -58,7 +58,6 @@ from bayes_colora import restoration as R
 from bayes_colora.adapters.contribution import lora_shape
 from bayes_colora.contribution import finetune, scored_layers
 from bayes_colora.metrics import DEFAULT_FRACTIONS, sparsification_curve
-from bayes_colora.posterior import LowRankGaussianPosterior
 from bayes_colora.predictive import Predictive
 from bayes_colora.subspace import _atomic_write
 
@@ -117,12 +116,6 @@ def plain_predictor(model: torch.nn.Module, lik: bc.Gaussian) -> Callable:
     def fn(x):
         return Predictive(**lik.moments(model(x)[None].float()))
     return fn
-
-
-def scaled_swag(post: LowRankGaussianPosterior, scale: float) -> LowRankGaussianPosterior:
-    """SWAG's Gaussian with its covariance ``diag(v) + F F^T`` multiplied by ``scale``."""
-    return LowRankGaussianPosterior(post.loc, scale * post.diag_var, math.sqrt(scale) * post.factor,
-                                    likelihood=post.likelihood, history=post.history)
 
 
 def validation_nll(sub: bc.Subspace, post, val: DataLoader, n_samples: int, seed: int) -> float:
@@ -356,10 +349,10 @@ class Study:
         extra = {"swag_scale": 1.0}
         if self.args.tune == "validation":
             val = self.val_loader(n)
-            nll = {c: validation_nll(sub, scaled_swag(post, c), val, self.cfg["samples"], s)
+            nll = {c: validation_nll(sub, post.scaled(c), val, self.cfg["samples"], s)
                    for c in self.cfg["swag_scales"]}
             extra = {"swag_scale": min(nll, key=nll.get), "swag_val_nll": [round(v, 5) for v in nll.values()]}
-        post = scaled_swag(post, extra["swag_scale"])
+        post = post.scaled(extra["swag_scale"])
         gen = torch.Generator(device=self.device).manual_seed(s)
         self.record(n, "swag", sub.dim,
                     lambda x: bc.predict(sub, post, x, n_samples=self.cfg["samples"], generator=gen,

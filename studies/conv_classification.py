@@ -391,9 +391,7 @@ def tune_swag(sub: bc.Subspace, loader: DataLoader, data: dict, args: argparse.N
                            optimizer="adam", collect=max(1, len(loader) // 10), rank=20,
                            progress=args.progress)
         for c in SWAG_SCALES:
-            scaled = bc.LowRankGaussianPosterior(post.loc, c * post.diag_var, c ** 0.5 * post.factor,
-                                                 likelihood=lik, history=post.history)
-            candidates[(frac, c)] = (scaled, False)
+            candidates[(frac, c)] = (post.scaled(c), False)
     sub.theta = theta_map
     nll = holdout_nlls(sub, candidates, data, args)
     frac, c = min(nll, key=nll.get)
