@@ -76,3 +76,29 @@ def test_theta_layout_matches_unflatten(tiny_mlp):
     trainable = [n for n, p in sub.model.named_parameters() if p.requires_grad]
     assert trainable == sub.param_names and all("base." not in n.split(".")[-2:] for n in trainable)
     assert not sub.model.training
+
+
+def test_frozen_layers_below_the_first_adapter_run_once_for_all_samples():
+    """``sub(x, theta=T)`` with T of shape (S, d): a frozen layer below every adapter receives and
+    returns plain (not vmap-batched) tensors, so it runs once for all S samples (the saving the
+    benchmark ``vmap_vs_loop`` measures for top-of-network adapters); the adapted layer and the
+    layers above it see batched ones. Moving the adapter to the first layer makes that layer's
+    output batched (the check can fail)."""
+    from torch._C._functorch import is_batchedtensor
+
+    def batched_io(targets: str) -> list[tuple[bool, bool]]:
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8),
+                                  torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        sub = bc.Subspace.from_model(mlp, bc.LoRA(rank=2, targets=targets))
+        seen = []
+        for layer in (mlp[0], mlp[2], mlp[4]):  # the adapter module where one wraps the layer
+            layer.register_forward_hook(
+                lambda m, i, o: seen.append((is_batchedtensor(i[0]), is_batchedtensor(o))))
+        with torch.no_grad():
+            out = sub(torch.randn(5, 4), theta=sub.theta + torch.randn(6, sub.dim))
+        assert out.shape == (6, 5, 1)
+        return seen
+
+    assert batched_io(r"^4$") == [(False, False), (False, False), (False, True)]
+    assert batched_io(r"^0$") == [(False, True), (True, True), (True, True)]
