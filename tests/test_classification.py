@@ -318,3 +318,22 @@ def test_study_subset_is_random(tmp_path):
     assert [len(data[k][1]) for k in ("fit", "holdout", "val")] == [9, 3, 12]
     assert set(torch.cat([data["fit"][1], data["holdout"][1]]).tolist()) == {0, 1}
     assert set(data["val"][1].tolist()) == {0, 1}
+
+
+def test_colora_bn_is_colora_plus_the_bitfit_biases():
+    """The study's ``colora_bn`` subspace is ConvCoLoRA's plus every non-head bias: its dimension is
+    dim(colora) + dim(bitfit) - dim(head), and a fresh one is the base network (zero deltas)."""
+    study = _study()
+    args = study.parse_args(["--quick", "--out", "unused"])
+    dims = {}
+    for method in ("linear", "bitfit", "colora", "colora_bn"):
+        torch.manual_seed(0)
+        model = classifier("tiny_cnn", 2, None, 32)
+        base = copy.deepcopy(model)
+        sub = bc.Subspace.from_model(model, study.specs(method, model, args))
+        dims[method] = sub.dim
+        x = torch.rand(4, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), base(x), rtol=0, atol=0)
+    assert dims["bitfit"] > dims["linear"] and dims["colora"] > dims["linear"]
+    assert dims["colora_bn"] == dims["colora"] + dims["bitfit"] - dims["linear"]
