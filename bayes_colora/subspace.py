@@ -243,12 +243,16 @@ class Subspace(nn.Module):
     def merge_and_reset(self, generator: torch.Generator | None = None) -> None:
         """Fold every resettable adapter's delta into the base and restart it at zero
         (:meth:`AdapterLayer.merge_and_reset`); ``theta`` changes, the function does not."""
-        layers = [m for m in self.adapter_layers().values() if hasattr(m, "reset_factors")]
+        layers = self.resettable_layers()
         if not layers:
             raise ValueError("no adapter in this subspace can be reset (ConvCoLoRA, TuckerCoLoRA "
                              "and LoRA can)")
         for layer in layers:
             layer.merge_and_reset(generator)
+
+    def resettable_layers(self) -> list[nn.Module]:
+        """The adapter layers that :meth:`merge_and_reset` restarts (those with ``reset_factors``)."""
+        return [m for m in self.adapter_layers().values() if hasattr(m, "reset_factors")]
 
     def save_adapters(self, path: str | os.PathLike) -> None:
         """Write the adapter parameters to a safetensors file, atomically."""

@@ -104,13 +104,13 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
              prior: NormalPrior | None, n_data: int, epochs: int, optimizer: torch.optim.Optimizer,
              desc: str, progress: bool = True, bf16: bool = False,
              on_step: Callable[[int, int], None] | None = None,
-             on_epoch: Callable[[int, list[dict[str, float]]], None] | None = None,
+             on_epoch: Callable[[int, list[dict[str, float]]], bool | None] | None = None,
              start_epoch: int = 0, history: list[dict[str, float]] | None = None,
              ) -> list[dict[str, float]]:
     """Minimise :math:`L` over ``theta`` (and the likelihood's parameters) for ``epochs`` epochs.
 
     Calls ``on_step(epoch, step)`` after every optimiser step and ``on_epoch(epoch, history)``
-    after every epoch. Raises ``ValueError`` naming the batch when data or the loss is not finite,
+    after every epoch; when ``on_epoch`` returns ``True`` training stops there. Raises ``ValueError`` naming the batch when data or the loss is not finite,
     and when the loader is empty. Returns one record per epoch: mean ``loss`` and ``nll``.
 
     The losses stay on the device and are read back every :data:`CHECK_EVERY` batches and at the
@@ -151,8 +151,8 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
         history.append({"epoch": epoch + 1, "loss": losses.loss / losses.n, "nll": losses.nll / losses.n})
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
-        if on_epoch is not None:
-            on_epoch(epoch, history)
+        if on_epoch is not None and on_epoch(epoch, history):
+            break
     bar.close()
     return history
 
