@@ -1,4 +1,5 @@
-r"""Metrics of predictive quality: error, negative log-likelihood, calibration, sparsification.
+r"""Metrics of predictive quality: error, negative log-likelihood, calibration, sparsification,
+and paired differences between two methods on the same test items (mean with standard errors).
 
 Pure functions on tensors (any device). Scalar metrics return Python floats; curves return
 tensors. Everything is computed in float64.
@@ -495,3 +496,57 @@ def summarize(pred: Predictive, y: torch.Tensor, likelihood_task: str | Likeliho
                 "ece": ece(pred.probs, y, n_bins)}
     raise ValueError(f"likelihood_task must be 'regression' or 'classification' (or a "
                      f"likelihood), got {likelihood_task!r}")
+
+
+# --------------------------------------------------------------------------- paired differences
+
+def _clustered_se(diff: torch.Tensor, weight: torch.Tensor, mean: float,
+                  cluster: torch.Tensor) -> float | None:
+    """Linearised standard error of a weighted mean over clusters; ``None`` below 2 clusters."""
+    resid = weight * (diff - mean)
+    sums = torch.zeros(int(cluster.max()) + 1, dtype=diff.dtype).index_add_(0, cluster, resid)
+    mass = torch.zeros_like(sums).index_add_(0, cluster, weight)
+    sums = sums[mass > 0]
+    g = sums.numel()
+    if g < 2:
+        return None
+    return math.sqrt(g / (g - 1) * float(sums.pow(2).sum())) / float(weight.sum())
+
+
+def paired_difference(diff: list[float | None], weight: list[float] | None = None,
+                      block: int | None = None) -> dict[str, float | int | None]:
+    r"""Mean of per-frame paired differences ``d_t`` (e.g. engine minus MAP on test frame ``t``)
+    with two standard errors.
+
+    With weights ``w_t`` (default 1; frames whose ``d_t`` is ``None`` get ``w_t = 0``) the mean is
+    ``dbar = sum_t w_t d_t / W``, ``W = sum_t w_t``: for valid-pixel counts it is the difference of
+    the pooled aggregates. Grouping the frames into clusters ``g`` of ``G`` (those with ``W_g > 0``),
+    ``SE^2 = G / (G - 1) sum_g (sum_{t in g} w_t (d_t - dbar))^2 / W^2``, the linearised (ratio
+    estimator) variance. With equal weights and equal clusters it is the textbook one:
+    ``SE = sd(cluster means) / sqrt(G)`` (sample sd, ``G - 1``).
+
+    * ``se_frame``: clusters of one frame (``sd(d) / sqrt(T)`` unweighted), which treats the
+      frames as independent; consecutive video frames are not, so it understates the error.
+    * ``se_block``: clusters of ``block`` consecutive frames (the last one possibly shorter);
+      ``None`` unless ``block`` is given and there are at least ``2 block`` frames.
+
+    Either SE is ``None`` with fewer than 2 clusters. Returns ``mean``, ``se_frame``, ``se_block``
+    and ``frames`` (those with positive weight).
+    """
+    if block is not None and block < 1:
+        raise ValueError(f"block must be a positive number of frames, got {block}")
+    t = len(diff)
+    w = torch.tensor([1.0] * t if weight is None else [float(v) for v in weight], dtype=torch.float64)
+    if w.numel() != t:
+        raise ValueError(f"{w.numel()} weights for {t} differences")
+    present = torch.tensor([v is not None for v in diff], dtype=torch.bool)
+    w = torch.where(present, w, torch.zeros_like(w))
+    d = torch.tensor([0.0 if v is None else float(v) for v in diff], dtype=torch.float64)
+    frames = int((w > 0).sum())
+    if frames == 0:
+        return {"mean": None, "se_frame": None, "se_block": None, "frames": 0}
+    mean = float((w * d).sum() / w.sum())
+    index = torch.arange(t)
+    se_block = _clustered_se(d, w, mean, index // block) if block and t >= 2 * block else None
+    return {"mean": mean, "se_frame": _clustered_se(d, w, mean, index), "se_block": se_block,
+            "frames": frames}

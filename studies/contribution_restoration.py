@@ -9,7 +9,9 @@ r"""Contribution-based CoLoRA for real-noise denoising (Wu et al. 2024), with Ba
    from the pre-trained to the fully fine-tuned network); then Laplace (GGN diagonal from
    Rademacher probes) and SWAG posteriors over the ContributionLoRA parameters.
 3. PSNR / SSIM on held-out pairs, trainable parameters, and how well the per-pixel predictive
-   std ranks the actual errors (AUSE / AURG, RMSE sparsification).
+   std ranks the actual errors (AUSE / AURG, RMSE sparsification). Every row also stores each
+   metric per test image (``per_image``; the row's metric is their mean), and ``results.md``
+   gives paired per-image differences (mean ± standard error) between methods at each n.
 
 The test set is a fixed set of held-out pairs (the last ``test_pairs`` of a seeded permutation);
 training pairs are the first n of the rest, so the sets for growing n are nested. Every method
@@ -103,12 +105,23 @@ def split(pairs: list, test_pairs: int, seed: int) -> tuple[list, list]:
     return pool, test
 
 
-def evaluate(predict_fn: Callable, test: list, device: str) -> tuple[dict[str, float], Predictive]:
-    """Metrics over the test pairs, evaluated one image at a time."""
+def evaluate(predict_fn: Callable, test: list, device: str
+             ) -> tuple[dict[str, float], dict[str, list[float]], Predictive]:
+    """``(metrics, per_image, pred)`` over the m test pairs, predicted one image at a time.
+
+    ``per_image[k][i]`` is ``R.evaluate_restoration`` of test image ``i`` alone (m values per
+    metric, in test order) and ``metrics[k] = (1/m) sum_i per_image[k][i]``. This is the
+    aggregate ``R.evaluate_restoration`` forms on the whole batch: PSNR, SSIM, AUSE and the AURGs
+    are per-image values averaged over images, and the NLL, a mean per element over all pixels,
+    is the mean of the per-image NLLs because every test image has the same number of elements
+    (they are stacked). The two agree up to float rounding. ``pred`` holds the m predictions
+    concatenated, ``(m, C, H, W)`` per field."""
     preds = [predict_fn(a[None].to(device)).to("cpu") for _, a, _ in test]
+    per = [R.evaluate_restoration(p, b[None]) for p, (_, _, b) in zip(preds, test)]
+    per_image = {k: [v[k] for v in per] for k in per[0]}
     pred = Predictive(*(torch.cat([getattr(p, f) for p in preds]) for f in
                         ("mean", "aleatoric", "epistemic", "total")))
-    return R.evaluate_restoration(pred, torch.stack([b for _, _, b in test])), pred
+    return {k: sum(v) / len(v) for k, v in per_image.items()}, per_image, pred
 
 
 def plain_predictor(model: torch.nn.Module, lik: bc.Gaussian) -> Callable:
@@ -248,14 +261,16 @@ class Study:
 
     def record(self, n: int, key: str, params: int, predict_fn: Callable, started: float,
                sections: dict | None = None, **extra) -> dict:
-        """Evaluate on the test pairs, keep an example (MAP and Bayesian cells), store the row."""
-        metrics, pred = evaluate(predict_fn, self.test, self.device)
+        """Evaluate on the test pairs, keep an example (MAP and Bayesian cells), store the row
+        (with ``per_image``: each metric of each test image, whose means are the row's metrics)."""
+        metrics, per_image, pred = evaluate(predict_fn, self.test, self.device)
         clean = torch.stack([b for _, _, b in self.test])
         err, unc = R.pixel_error_and_uncertainty(pred.mean, pred.total, clean)
         row = {"pairs": n, "key": key, "method": CELLS[key].format(rank=self.rank), "params": params,
                **metrics, **extra,
                "sparsification": [round(v, 7) for v in sparsification_curve(err, unc, reduce="rms").mean(0).tolist()],
-               "oracle": [round(v, 7) for v in sparsification_curve(err, err, reduce="rms").mean(0).tolist()]}
+               "oracle": [round(v, 7) for v in sparsification_curve(err, err, reduce="rms").mean(0).tolist()],
+               "per_image": per_image}
         if key in ("map", "laplace", "swag"):
             self.save_example(n, key, pred)
         row["seconds"] = round(time.perf_counter() - started, 1)
@@ -277,9 +292,11 @@ class Study:
 
     # ------------------------------------------------------------------ cells
     def noisy(self, n: int) -> None:
-        noisy, clean = torch.stack([a for _, a, _ in self.test]), torch.stack([b for _, _, b in self.test])
+        """PSNR and SSIM of the noisy inputs: per test image, and their means."""
+        per_image = {"psnr": [R.psnr(a[None], b[None]) for _, a, b in self.test],
+                     "ssim": [R.ssim(a[None], b[None]) for _, a, b in self.test]}
         self.results.put({"pairs": n, "key": "noisy", "method": CELLS["noisy"], "params": 0,
-                          "psnr": R.psnr(noisy, clean), "ssim": R.ssim(noisy, clean)})
+                          **{k: sum(v) / len(v) for k, v in per_image.items()}, "per_image": per_image})
 
     def pretrained(self, n: int) -> None:
         self.record(n, "pretrained", 0, plain_predictor(self.model, self.lik), time.perf_counter())
@@ -449,17 +466,53 @@ def run(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------- outputs
 COLUMNS = ["pairs", "method", "params", "psnr", "ssim", "nll", "ause", "aurg", "aurg_aleatoric", "aurg_epistemic"]
+# paired comparisons (a, b): the per-image differences a - b in PSNR and AURG (total)
+PAIRED = [("map", "uniform"), ("laplace", "map"), ("swag", "map"), ("map", "full")]
+
+
+def _mean_and_se(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-image differences ``a_i - b_i``
+    (:func:`bayes_colora.metrics.paired_difference`: ``SE = sd / sqrt(m)``, the images independent)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired differences need two lists of equal length >= 2, got {len(a)} and {len(b)}")
+    out = bc.metrics.paired_difference([x - y for x, y in zip(a, b)])
+    return out["mean"], out["se_frame"]
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    """One markdown table per n of the paired per-image differences of :data:`PAIRED`, as
+    ``mean ± SE`` (:func:`_mean_and_se`) in PSNR (dB) and AURG; ``-`` where either row has
+    no ``per_image`` (rows from an older results.json). Comparisons with a row not yet computed
+    are left out."""
+    by_cell = {(r["pairs"], r["key"]): r for r in rows}
+    fmt = {"psnr": lambda m, se: f"{m:+.3f} ± {se:.3f}", "aurg": lambda m, se: f"{m:+.2e} ± {se:.1e}"}
+    lines = []
+    for n in sorted({r["pairs"] for r in rows}):
+        pairs = [(by_cell[n, a], by_cell[n, b]) for a, b in PAIRED if (n, a) in by_cell and (n, b) in by_cell]
+        if not pairs:
+            continue
+        m = max((len(r["per_image"]["psnr"]) for pair in pairs for r in pair if "per_image" in r), default="m")
+        lines += ["", f"Paired differences at {n} pairs: mean ± standard error over the {m} test images "
+                  f"(SE = sample sd of the per-image differences / sqrt({m})):", "",
+                  "| comparison | PSNR (dB) | AURG |", "|---|---|---|"]
+        for a, b in pairs:
+            cells = [fmt[k](*_mean_and_se(a["per_image"][k], b["per_image"][k]))
+                     if "per_image" in a and "per_image" in b else "-" for k in ("psnr", "aurg")]
+            lines.append(f"| {a['method']} - {b['method']} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def write_table(result: dict, out: Path) -> Path:
-    """``results.md``: the table of all rows, the tuned posterior widths, and the rank allocation
-    at the largest n that has one."""
+    """``results.md``: the table of all rows, the paired per-image differences per n
+    (:func:`paired_lines`), the tuned posterior widths, and the rank allocation at the largest n
+    that has one."""
     fine = ("ssim", "ause", "aurg", "aurg_aleatoric", "aurg_epistemic")  # printed with 4 decimals
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in result["rows"]:
         cells = [f"{r[c]:.4f}" if isinstance(r.get(c), float) and c in fine
                  else f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += paired_lines(result["rows"])
     tuned = {(r["pairs"], r["key"]): r for r in result["rows"] if r["key"] in ("laplace", "swag")}
     if tuned:
         lines += ["", f"Posterior width (tune: {result['config']['tune']}):", "",

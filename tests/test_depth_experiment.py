@@ -146,6 +146,12 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
         for key in ("abs_rel", "rmse", "nll", "ause_rmse", "aurg_rmse", "calibration_error"):
             assert math.isfinite(r[key]), (r["engine"], key)
     assert rows[0]["d"] > 0 and all(r["d"] == rows[0]["d"] for r in rows)
+    n_test = 8  # the quick grid's test images
+    for r in rows:
+        assert {k: len(v) for k, v in r["per_image"].items()} == dict.fromkeys(
+            ("n_valid", "nll", "ause_rmse", "ause_abs_rel"), n_test)
+    table = (out / "results.md").read_text().split("## Paired differences to MAP")[1]
+    assert all(f"| {e} | {n_test} | " in table for e in ("laplace", "swag", "vi"))
     # MAP's epistemic part is zero, a sampled posterior's is not: their NLLs differ
     assert rows[0]["nll"] != rows[2]["nll"]
     for name in ("results.md", "sparsification-mobilenet-convcolora.png",
@@ -160,9 +166,13 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     # a lost cell is refitted from the saved MAP (not a re-trained one): the same numbers again
     saved = json.loads(before)
     saved["rows"] = [r for r in saved["rows"] if r["engine"] != "swag"]
+    for r in saved["rows"]:  # as written before rows kept their per-image values
+        del r["per_image"]
     (out / "results.json").write_text(json.dumps(saved))
     again = subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.stdout.count("d = ") == 1 and "/ swag]" in again.stdout
     redone = {r["engine"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     old = {r["engine"]: r for r in json.loads(before)["rows"]}
     assert redone["swag"]["nll"] == pytest.approx(old["swag"]["nll"], rel=1e-5)
+    table = (out / "results.md").read_text().split("## Paired differences to MAP")[1]
+    assert all(f"| {e} | - | - | - | - | - |" in table for e in ("laplace", "swag", "vi"))

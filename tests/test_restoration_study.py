@@ -38,6 +38,13 @@ def test_quick_study_runs_and_resumes(tmp_path):
     assert rows["full"]["params"] == saved["network_params"]
     for row in saved["rows"][1:]:
         assert 10 < row["psnr"] < 60 and 0 < row["ssim"] <= 1
+    # per test image, in test order; the row's metrics are their means (up to float rounding)
+    for row in saved["rows"]:
+        for key, values in row["per_image"].items():
+            assert len(values) == study.QUICK["test_pairs"], (row["key"], key)
+            assert sum(values) / len(values) == pytest.approx(row[key], rel=1e-12, abs=1e-15), (row["key"], key)
+    assert set(rows["swag"]["per_image"]) == {"psnr", "ssim", "nll", "ause", "aurg", "aurg_aleatoric",
+                                              "aurg_epistemic"}
     # the tuned widths come from the grids; the linearised Laplace keeps the MAP's mean exactly
     assert rows["laplace"]["temperature"] in study.QUICK["temperature_grid"]
     assert rows["laplace"]["prior_precision"] in study.QUICK["prior_grid"]
@@ -47,8 +54,11 @@ def test_quick_study_runs_and_resumes(tmp_path):
     assert result["rows"] == saved["rows"]
 
     # an interrupted run: the Laplace cell is missing. The rerun computes that cell alone, from the
-    # saved pre-trained network, FAIG scores and MAP, and gets what the first run got.
+    # saved pre-trained network, FAIG scores and MAP, and gets what the first run got. The full
+    # fine-tuning row is made old-style (no per_image): it is kept as it is, not recomputed, and
+    # its paired comparison shows "-".
     lost = rows.pop("laplace")
+    del rows["full"]["per_image"]
     saved["rows"] = [r for r in saved["rows"] if r["key"] != "laplace"]
     (tmp_path / "results.json").write_text(json.dumps(saved))
     again = study.main(ARGS + ["--out", str(tmp_path)])
@@ -57,6 +67,13 @@ def test_quick_study_runs_and_resumes(tmp_path):
     redone = {r["key"]: r for r in again["rows"]}
     assert {k: r for k, r in redone.items() if k != "laplace"} == rows  # untouched, run 1
     assert redone["laplace"]["run"] == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "| ContributionLoRA (MAP) - full fine-tuning | - | - |" in table
+    # the linearised Laplace keeps MAP's mean, so its per-image PSNRs are MAP's (abs 1e-3 as above)
+    laplace_line = next(line for line in table.splitlines()
+                        if line.startswith("| ContributionLoRA + Laplace - ContributionLoRA (MAP) |"))
+    mean, se = (float(v) for v in laplace_line.split(" | ")[1].split(" ± "))
+    assert abs(mean) < 1e-3 and 0 <= se < 1e-3
     for key in ("psnr", "nll", "aurg", "aurg_epistemic", "temperature", "prior_precision"):
         # same seeds, same inputs, same CPU: the same numbers up to float32 summation order
         assert redone["laplace"][key] == pytest.approx(lost[key], rel=1e-5, abs=1e-7), key

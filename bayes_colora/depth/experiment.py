@@ -39,10 +39,11 @@ from ..adapters import AdapterSpec, BitFit, ConvCoLoRA, DiffFit, LoRA, TuckerCoL
 from ..inference import fit_laplace, fit_map, fit_swag, fit_vi
 from ..posterior import Posterior
 from ..predictive import Predictive
+from ..metrics import paired_difference
 from ..priors import NormalPrior
 from ..subspace import Subspace
 from .likelihoods import DepthLikelihood
-from .metrics import depth_nll, evaluate_depth
+from .metrics import depth_nll, depth_per_image, evaluate_depth
 from .models import DECODER_TARGETS
 from .predict import DepthPrediction, predict_depth
 
@@ -221,9 +222,12 @@ def tune_covariance_scale(sub: Subspace, post: Posterior, val: Dataset, lik: Dep
 
 @dataclass
 class DepthEvaluation:
-    """Metrics over a test set and the stacked predictive maps ``(N, 1, H, W)``."""
+    """Metrics over a test set, their per-image pieces (:func:`~bayes_colora.depth.metrics.
+    depth_per_image`, lists of length ``N`` in test order) and the stacked predictive maps
+    ``(N, 1, H, W)``."""
 
     metrics: dict[str, float]
+    per_image: dict[str, list[float | int | None]]
     prediction: DepthPrediction
     depth: torch.Tensor
     seconds: float
@@ -249,7 +253,8 @@ def evaluate_engine(sub: Subspace, post: Posterior, test: Dataset, lik: DepthLik
                     engine: str, n_samples: int = 32, batch_size: int = 8, seed: int = 0,
                     max_depth: float | None = None) -> DepthEvaluation:
     """Predict every test image with ``n_samples`` posterior samples (linearised for Laplace)
-    and compute :func:`~bayes_colora.depth.metrics.evaluate_depth` on all of them."""
+    and compute :func:`~bayes_colora.depth.metrics.evaluate_depth` on all of them, and
+    :func:`~bayes_colora.depth.metrics.depth_per_image` per image."""
     if sub.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -262,7 +267,8 @@ def evaluate_engine(sub: Subspace, post: Posterior, test: Dataset, lik: DepthLik
     predictive = Predictive(mean=pred.mean, aleatoric=pred.aleatoric_std ** 2,
                             epistemic=pred.epistemic_std ** 2, total=pred.total_std ** 2)
     metrics = evaluate_depth(predictive, depth, max_depth=max_depth)
-    return DepthEvaluation(metrics, pred, depth, seconds)
+    per_image = depth_per_image(predictive, depth, max_depth=max_depth)
+    return DepthEvaluation(metrics, per_image, pred, depth, seconds)
 
 
 def adapt(sub: Subspace, train: Dataset, lik: DepthLikelihood, settings: EngineSettings,
@@ -307,4 +313,63 @@ def summarise(rows: Iterable[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- paired differences
+
+#: the per-image metrics compared with MAP, and the weight of an image in each aggregate
+#: (``"n_valid"``: its valid-pixel count, NLL being pooled over pixels; ``None``: 1 per image)
+PAIRED_METRICS: dict[str, str | None] = {"nll": "n_valid", "ause_rmse": None, "ause_abs_rel": None}
+#: consecutive test frames per block of the block standard error
+BLOCK_FRAMES = 20
+
+
+def paired_to_map(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> list[dict[str, Any]]:
+    """Per (model, adapter), each non-MAP engine's :func:`paired_difference` to that cell's MAP for
+    every metric of :data:`PAIRED_METRICS` (``None`` where either row has no ``per_image``), and
+    ``meets_target``: both the NLL and the AUSE-RMSE differences negative (``None`` when unknown)."""
+    rows = list(rows)
+    maps = {(r["model"], r["adapter"]): r for r in rows if r["engine"] == "map"}
+    out = []
+    for r in rows:
+        base = maps.get((r["model"], r["adapter"]))
+        if r["engine"] == "map" or base is None:
+            continue
+        mine, ref = r.get("per_image"), base.get("per_image")
+        entry: dict[str, Any] = {"model": r["model"], "adapter": r["adapter"], "engine": r["engine"]}
+        for metric, weight in PAIRED_METRICS.items():
+            if mine is None or ref is None:
+                entry[metric] = None
+                continue
+            if mine["n_valid"] != ref["n_valid"]:
+                raise ValueError(f"{r['model']}/{r['adapter']}: {r['engine']} and map were evaluated "
+                                 f"on different test images (valid-pixel counts differ)")
+            diff = [None if a is None or b is None else a - b for a, b in zip(mine[metric], ref[metric])]
+            entry[metric] = paired_difference(diff, None if weight is None else mine[weight], block)
+        known = [entry[m] for m in ("nll", "ause_rmse")]
+        entry["meets_target"] = (None if any(k is None or k["mean"] is None for k in known)
+                                 else all(k["mean"] < 0 for k in known))
+        out.append(entry)
+    return out
+
+
+def paired_table(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> str:
+    """Markdown table of :func:`paired_to_map`: each cell ``mean ± per-frame SE [± block SE]``,
+    ``-`` for what is unknown (rows without ``per_image``, or too few frames for an SE)."""
+    def se(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2g}"
+
+    def cell(p: dict[str, Any] | None) -> str:
+        if p is None or p["mean"] is None:
+            return "-"
+        return f"{p['mean']:+.4g} ± {se(p['se_frame'])} [± {se(p['se_block'])}]"
+
+    lines = ["| model | adapter | engine | frames | Δ NLL | Δ AUSE-RMSE | Δ AUSE-AbsRel | meets target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in paired_to_map(rows, block):
+        frames = e["nll"]["frames"] if e["nll"] is not None else "-"
+        target = {None: "-", True: "yes", False: "no"}[e["meets_target"]]
+        lines.append(f"| {e['model']} | {e['adapter']} | {e['engine']} | {frames} | {cell(e['nll'])} | "
+                     f"{cell(e['ause_rmse'])} | {cell(e['ause_abs_rel'])} | {target} |")
     return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ from ..metrics import DEFAULT_FRACTIONS, aurg, ause, sparsification_curve
 from ..predictive import Predictive
 
 __all__ = ["DEFAULT_FRACTIONS", "SPARSIFICATION_METRICS", "aurg", "ause", "depth_metrics", "depth_nll",
-           "evaluate_depth", "sparsification_curve", "valid_depth_mask"]
+           "depth_per_image", "evaluate_depth", "sparsification_curve", "valid_depth_mask"]
 
 #: per-pixel error of each sparsification metric and how it is reduced
 SPARSIFICATION_METRICS: dict[str, str] = {"abs_rel": "mean", "rmse": "rms"}
@@ -125,12 +125,60 @@ def evaluate_depth(pred: Predictive, gt_depth: torch.Tensor, mask: torch.Tensor 
     out["nll"] = M.gaussian_nll(mean, pred.total, gt, valid)
     out["calibration_error"] = M.quantile_calibration_error(mean, pred.total, gt, levels, valid)
     out["coverage_90"] = M.interval_coverage(mean, pred.total, gt, 0.9, valid)
-    clamped = mean.clamp(min_depth, max_depth)
-    gt_safe = torch.where(valid, gt, torch.ones_like(gt))  # no 0/0 at pixels the mask drops
-    errors = {"abs_rel": (clamped - gt_safe).abs() / gt_safe, "rmse": (clamped - gt_safe).abs()}
+    errors = _sparsification_errors(mean, gt, valid, min_depth, max_depth)
     std = pred.std
     for name, reduce in SPARSIFICATION_METRICS.items():
         areas = M._sparsification_areas(errors[name], std, valid, fractions, reduce)
         out[f"ause_{name}"] = (areas[:, 1] - areas[:, 2]).mean().item()
         out[f"aurg_{name}"] = (areas[:, 0] - areas[:, 1]).mean().item()
+    return out
+
+
+def _sparsification_errors(mean: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
+                           min_depth: float, max_depth: float | None) -> dict[str, torch.Tensor]:
+    """Per-pixel errors of the clamped prediction for :data:`SPARSIFICATION_METRICS`."""
+    clamped = mean.clamp(min_depth, max_depth)
+    gt_safe = torch.where(valid, gt, torch.ones_like(gt))  # no 0/0 at pixels the mask drops
+    return {"abs_rel": (clamped - gt_safe).abs() / gt_safe, "rmse": (clamped - gt_safe).abs()}
+
+
+def depth_per_image(pred: Predictive, gt_depth: torch.Tensor, mask: torch.Tensor | None = None,
+                    min_depth: float = 1e-3, max_depth: float | None = None,
+                    fractions: tuple[float, ...] | torch.Tensor = DEFAULT_FRACTIONS
+                    ) -> dict[str, list[float | int | None]]:
+    r"""Per image ``b`` of ``B``, the pieces of :func:`evaluate_depth`'s ``nll``, ``ause_rmse`` and
+    ``ause_abs_rel``, for paired comparisons between predictives of the same images.
+
+    Returns lists of length ``B`` (the leading axis, in order):
+
+    * ``n_valid``: ``n_b``, the number of valid pixels of image ``b``;
+    * ``nll``: ``(1/n_b) sum_{i in b} 0.5 [(y_i - m_i)^2 / v_i + log v_i + log 2 pi]``, the
+      image's mean Gaussian NLL per valid pixel;
+    * ``ause_rmse``, ``ause_abs_rel``: the image's AUSE (model minus oracle area).
+
+    Entries of an image without a valid pixel are ``None`` (``n_valid`` 0). The aggregates follow:
+    ``evaluate_depth(...)["nll"] = sum_b n_b nll_b / sum_b n_b`` (NLL is pooled over pixels, so the
+    per-image values are weighted by their valid-pixel counts) and ``ause_* = mean_b ause_b`` over
+    the images with any valid pixel.
+    """
+    _check_min_depth(min_depth)
+    mean, gt = M._image_maps(pred.mean, gt_depth, ("pred.mean", "gt_depth"))
+    total = M._image_maps(pred.total, gt, ("pred.total", "gt_depth"))[0]
+    valid = valid_depth_mask(gt, mask, min_depth, max_depth)
+    errors = _sparsification_errors(mean, gt, valid, min_depth, max_depth)
+    std = pred.std
+    out: dict[str, list[float | int | None]] = {"n_valid": [], "nll": [],
+                                                **{f"ause_{n}": [] for n in SPARSIFICATION_METRICS}}
+    for b in range(gt.shape[0]):
+        n_b = int(valid[b].sum())
+        out["n_valid"].append(n_b)
+        if n_b == 0:
+            for key in ("nll", *(f"ause_{n}" for n in SPARSIFICATION_METRICS)):
+                out[key].append(None)
+            continue
+        one = slice(b, b + 1)
+        out["nll"].append(M.gaussian_nll(mean[one], total[one], gt[one], valid[one]))
+        for name, reduce in SPARSIFICATION_METRICS.items():
+            areas = M._sparsification_areas(errors[name][one], std[one], valid[one], fractions, reduce)
+            out[f"ause_{name}"].append((areas[0, 1] - areas[0, 2]).item())
     return out

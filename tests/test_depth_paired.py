@@ -1,0 +1,84 @@
+"""Per-image depth metrics and the paired engine-minus-MAP differences with their standard errors."""
+
+import pytest
+import torch
+
+import bayes_colora as bc
+from bayes_colora.depth import evaluate_depth
+from bayes_colora.depth import experiment as E
+from bayes_colora.depth.metrics import depth_per_image
+
+
+def predictive(seed: int, gt: torch.Tensor) -> bc.Predictive:
+    """A noisy float64 predictive of ``gt`` with a random per-pixel variance."""
+    g = torch.Generator().manual_seed(seed)
+    mean = gt + 0.3 * torch.randn(gt.shape, generator=g, dtype=torch.float64)
+    var = 0.01 + 0.2 * torch.rand(gt.shape, generator=g, dtype=torch.float64)
+    return bc.Predictive(mean=mean, aleatoric=var, epistemic=torch.zeros_like(var), total=var)
+
+
+def depths_with_holes(seed: int = 0) -> torch.Tensor:
+    """(5, 1, 6, 7) depths in [0.5, 10] m; image 1 has holes, image 3 has no valid pixel."""
+    g = torch.Generator().manual_seed(seed)
+    gt = 0.5 + 9.5 * torch.rand(5, 1, 6, 7, generator=g, dtype=torch.float64)
+    gt[1, 0, :2] = 0.0
+    gt[3] = 0.0
+    return gt
+
+
+def test_per_image_values_reproduce_the_aggregates():
+    gt = depths_with_holes()
+    pred = predictive(1, gt)
+    per = depth_per_image(pred, gt, max_depth=9.0)
+    agg = evaluate_depth(pred, gt, max_depth=9.0)
+    valid = (gt > 1e-3) & (gt < 9.0)
+    assert per["n_valid"] == [int(v) for v in valid.flatten(1).sum(1)]
+    assert per["n_valid"][3] == 0 and per["nll"][3] is None and per["ause_rmse"][3] is None
+    kept = [b for b, n in enumerate(per["n_valid"]) if n > 0]
+    n = [per["n_valid"][b] for b in kept]
+    # the pooled NLL is the valid-pixel-weighted mean of the per-image means (float64 sums)
+    pooled = sum(w * per["nll"][b] for w, b in zip(n, kept)) / sum(n)
+    assert pooled == pytest.approx(agg["nll"], rel=1e-12)
+    # the unweighted mean differs: the images have different valid-pixel counts
+    assert len(set(n)) > 1
+    for name in ("ause_rmse", "ause_abs_rel"):
+        assert sum(per[name][b] for b in kept) / len(kept) == pytest.approx(agg[name], rel=1e-12)
+        assert all(per[name][b] >= 0 for b in kept)  # model area >= oracle area
+
+
+def row(engine: str, seed: int, gt: torch.Tensor) -> dict:
+    pred = predictive(seed, gt)
+    return {"model": "m", "adapter": "a", "engine": engine, **evaluate_depth(pred, gt),
+            "per_image": depth_per_image(pred, gt)}
+
+
+def test_paired_to_map_is_the_difference_of_the_aggregates():
+    gt = depths_with_holes(seed=4)
+    rows = [row("map", 5, gt), row("swag", 6, gt)]
+    (entry,) = E.paired_to_map(rows)
+    for metric in ("nll", "ause_rmse", "ause_abs_rel"):
+        want = rows[1][metric] - rows[0][metric]
+        assert entry[metric]["mean"] == pytest.approx(want, rel=1e-10, abs=1e-13), metric
+        assert entry[metric]["frames"] == 4  # image 3 has no valid pixel
+    assert entry["meets_target"] == (entry["nll"]["mean"] < 0 and entry["ause_rmse"]["mean"] < 0)
+    # a MAP row compared with itself: every difference 0, no target met
+    (same,) = E.paired_to_map([rows[0], {**rows[0], "engine": "vi"}])
+    assert same["nll"]["mean"] == 0 and same["nll"]["se_frame"] == 0 and same["meets_target"] is False
+
+
+def test_old_rows_without_per_image_render_dashes():
+    gt = depths_with_holes(seed=7)
+    new_map, new_vi = row("map", 8, gt), row("vi", 9, gt)
+    old_swag = {k: v for k, v in row("swag", 10, gt).items() if k != "per_image"}
+    table = E.paired_table([new_map, old_swag, new_vi])
+    lines = table.strip().splitlines()
+    assert len(lines) == 4  # header, rule, swag, vi
+    swag, vi = lines[2].split(" | "), lines[3].split(" | ")
+    assert swag[2] == "swag" and swag[3:] == ["-", "-", "-", "-", "- |"]
+    assert vi[2] == "vi" and vi[3] == "4" and "±" in vi[4]
+    assert vi[-1].rstrip(" |") in ("yes", "no")
+    # 5 test images < 40: no block SE
+    assert "[± -]" in vi[4]
+    # an old MAP row: nothing to pair with
+    old_map = {k: v for k, v in new_map.items() if k != "per_image"}
+    assert E.paired_table([old_map, new_vi]).strip().splitlines()[2].endswith("| - | - | - | - | - |")
