@@ -59,17 +59,19 @@ def adamw_epoch(forward: Callable[[torch.Tensor], torch.Tensor], params: list, l
 def full_epoch(args: argparse.Namespace, batches: list) -> Callable[[], None]:
     torch.manual_seed(0)
     model = classifier(args.backbone, 2, None, args.input_size).to(args.device).eval()
-    return adamw_epoch(model, list(model.parameters()), 1e-4, batches, weight_decay=1e-5)
+    forward = torch.compile(model) if args.compile else model
+    return adamw_epoch(forward, list(model.parameters()), 1e-4, batches, weight_decay=1e-5)
 
 
-def fit_map_epoch(sub: bc.Subspace, batches: list) -> Callable[[], None]:
+def fit_map_epoch(sub: bc.Subspace, batches: list, compile: bool) -> Callable[[], None]:
     lik, prior = bc.Categorical(), bc.NormalPrior(1.0)
     return lambda: bc.fit_map(sub, batches, lik, prior=prior, epochs=1, lr=1e-3, progress=False,
-                              n_data=len(batches) * len(batches[0][1]))
+                              n_data=len(batches) * len(batches[0][1]), compile=compile)
 
 
-def module_epoch(sub: bc.Subspace, batches: list) -> Callable[[], None]:
-    return adamw_epoch(sub, [p for p in sub.parameters() if p.requires_grad], 1e-3, batches)
+def module_epoch(sub: bc.Subspace, batches: list, compile: bool) -> Callable[[], None]:
+    return adamw_epoch(torch.compile(sub) if compile else sub,
+                       [p for p in sub.parameters() if p.requires_grad], 1e-3, batches)
 
 
 def timed(runs: dict[str, Callable[[], None]], steps: int, repeats: int,
@@ -100,6 +102,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="batches per timed epoch")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every run's forward (fit_map(compile=True)); the warm-up epoch compiles")
     args = p.parse_args()
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -107,13 +111,14 @@ def main() -> None:
                 torch.randint(0, 2, (args.batch_size,), generator=g).to(dev)) for _ in range(args.steps)]
     folded, two_conv = colora(args, True), colora(args, False)
     runs = {"full fine-tuning (AdamW, all parameters)": full_epoch(args, batches),
-            "ConvCoLoRA, folded (fit_map)": fit_map_epoch(folded, batches),
-            "ConvCoLoRA, two convolutions (fit_map)": fit_map_epoch(two_conv, batches),
-            "ConvCoLoRA, folded (module step, no fit_map)": module_epoch(folded, batches)}
+            "ConvCoLoRA, folded (fit_map)": fit_map_epoch(folded, batches, args.compile),
+            "ConvCoLoRA, two convolutions (fit_map)": fit_map_epoch(two_conv, batches, args.compile),
+            "ConvCoLoRA, folded (module step, no fit_map)": module_epoch(folded, batches, args.compile)}
     times = timed(runs, args.steps, args.repeats, dev)
     full_wall, full_cpu = next(iter(times.values()))
     print(f"{args.backbone}, {args.input_size}x{args.input_size}, batch {args.batch_size}, {args.device}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.repeats} rounds of {args.steps} steps\n")
+          f"{torch.get_num_threads()} thread(s), median of {args.repeats} rounds of {args.steps} steps"
+          f"{', torch.compile' if args.compile else ''}\n")
     print("| step | wall ms per step | ratio to full | process CPU ms per step | ratio to full |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, (wall, cpu) in times.items():

@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="data split seed and the first training seed")
     p.add_argument("--seeds", type=int, default=1, help="train every method with seeds --seed .. --seed + K - 1 "
                    "(the fit/holdout split stays that of --seed; engines on the first seed only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward of every method (full fine-tuning: the model; "
+                        "subspace methods: fit_map(compile=True)); the first epoch then includes compilation")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(**QUICK)
@@ -226,6 +229,7 @@ def train_full(model: torch.nn.Module, data: dict, args: argparse.Namespace) -> 
         p.requires_grad_(True)
     model.eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr_full, weight_decay=args.weight_decay)
+    forward = torch.compile(model) if args.compile else model
     loader = train_loader(*data["fit"], args.batch_size, args.seed)
     dev = torch.device(args.device)
     times, best, curve = [], (math.inf, None, 0), []
@@ -233,7 +237,7 @@ def train_full(model: torch.nn.Module, data: dict, args: argparse.Namespace) -> 
         sync(dev)
         start = time.perf_counter()
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -271,7 +275,8 @@ def train_subspace(sub: bc.Subspace, data: dict, args: argparse.Namespace, reset
         clock[0] = time.perf_counter()
 
     bc.fit_map(sub, loader, lik, prior=prior, epochs=args.epochs, lr=args.lr, progress=args.progress,
-               on_epoch=on_epoch, merge_and_reset=reset, generator=torch.Generator().manual_seed(args.seed))
+               on_epoch=on_epoch, merge_and_reset=reset, generator=torch.Generator().manual_seed(args.seed),
+               compile=args.compile)
     sub.model.load_state_dict(best[1])
     return {"epoch_times": times, "best_epoch": best[2], "holdout_nll": curve}
 

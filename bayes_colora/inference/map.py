@@ -20,7 +20,7 @@ def fit_map(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalPrior
             checkpoint: str | os.PathLike | None = None,
             on_epoch: Callable[[dict[str, float], torch.Tensor], bool | None] | None = None,
             merge_and_reset: bool = False,
-            generator: torch.Generator | None = None) -> DiracPosterior:
+            generator: torch.Generator | None = None, compile: bool = False) -> DiracPosterior:
     r"""Find ``argmin_theta L(theta)`` (see :mod:`.objective`) with AdamW; learned likelihood
     parameters (``Gaussian(learn_sigma=True)``) are trained alongside.
 
@@ -47,6 +47,9 @@ def fit_map(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalPrior
             update since the last merge. Not with ``checkpoint`` (the merged base weights are
             not in it).
         generator: draws the restarted factors (with ``merge_and_reset``).
+        compile: compute each batch's loss and its gradient with ``torch.compile`` (fewer, fused
+            kernels: worth it on a GPU whose steps are bound by kernel launches; compilation takes
+            seconds to a minute, once per input shape).
 
     Returns:
         a :class:`DiracPosterior` at the estimate, its ``history`` one record per epoch.
@@ -93,6 +96,7 @@ def fit_map(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalPrior
         return stop
 
     history = optimise(sub, theta, loader, lik, prior, n_data, epochs, optimizer, "fit_map",
-                       progress, bf16, on_epoch=end_of_epoch, start_epoch=start, history=history)
+                       progress, bf16, on_epoch=end_of_epoch, start_epoch=start, history=history,
+                       compile=compile)
     sub.theta = theta.detach()
     return DiracPosterior(theta.detach(), likelihood=lik, history=history)

@@ -51,6 +51,26 @@ def negative_log_joint(sub: Subspace, theta: torch.Tensor, lik: Likelihood, prio
     return loss, nll
 
 
+#: compiled graphs a training loop may hold for its loss function: one per subspace structure and
+#: input shape met in the process (torch's default of 8 would silently fall back to eager after
+#: eight structures, e.g. eight methods of one study)
+RECOMPILE_LIMIT = 64
+
+
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, called with room for :data:`RECOMPILE_LIMIT` compiled graphs."""
+    import torch._dynamo.config as dynamo_config
+
+    compiled = torch.compile(fn)
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    room = max(getattr(dynamo_config, name), RECOMPILE_LIMIT)
+
+    def call(*args: Any) -> Any:
+        with dynamo_config.patch(**{name: room}):
+            return compiled(*args)
+    return call
+
+
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
@@ -106,7 +126,7 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
              on_step: Callable[[int, int], None] | None = None,
              on_epoch: Callable[[int, list[dict[str, float]]], bool | None] | None = None,
              start_epoch: int = 0, history: list[dict[str, float]] | None = None,
-             ) -> list[dict[str, float]]:
+             compile: bool = False) -> list[dict[str, float]]:
     """Minimise :math:`L` over ``theta`` (and the likelihood's parameters) for ``epochs`` epochs.
 
     Calls ``on_step(epoch, step)`` after every optimiser step and ``on_epoch(epoch, history)``
@@ -121,10 +141,20 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
     ``theta`` and the likelihood's parameters may hold NaN. When something else fails later in the epoch
     (bad data, a hook), the pending losses are checked first, so an earlier non-finite loss is
     still the error reported.
+
+    With ``compile``, every batch after the run's first (which also checks the target's shape)
+    computes the loss with ``torch.compile`` of :func:`negative_log_joint` (forward and backward
+    fused into fewer kernels; the first compiled batch, and a batch of a new shape, pay the
+    compilation). The optimiser step stays eager.
     """
     history = list(history or [])
     if prior is not None:
         prior = _prior_on(prior, theta.detach())
+
+    def batch_loss(theta: torch.Tensor, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return negative_log_joint(sub, theta, lik, prior, x, y, n_data, bf16)
+
+    loss_of = _compiled(batch_loss) if compile else batch_loss
     bar = tqdm(total=epochs - start_epoch, desc=desc, disable=not progress, unit="epoch")
     step = 0
     for epoch in range(start_epoch, epochs):
@@ -132,7 +162,10 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
         try:
             for i, x, y in batches(loader, sub.device):
                 first = step == 0
-                loss, nll = negative_log_joint(sub, theta, lik, prior, x, y, n_data, bf16, check=first)
+                if first:
+                    loss, nll = negative_log_joint(sub, theta, lik, prior, x, y, n_data, bf16, check=True)
+                else:
+                    loss, nll = loss_of(theta, x, y)
                 losses.add(i, loss, nll)
                 if first or len(losses.pending) >= CHECK_EVERY:
                     losses.flush()
