@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bayes_colora as bc  # noqa: E402
 from bayes_colora.classification import classifier, conv_targets  # noqa: E402
+from bayes_colora.inference.objective import CHECK_EVERY  # noqa: E402
 
 
 def colora(args: argparse.Namespace, fold: bool) -> bc.Subspace:
@@ -43,16 +44,21 @@ def colora(args: argparse.Namespace, fold: bool) -> bc.Subspace:
 
 def adamw_epoch(forward: Callable[[torch.Tensor], torch.Tensor], params: list, lr: float,
                 batches: list, weight_decay: float = 0.01) -> Callable[[], None]:
-    """One epoch of plain AdamW steps on cross-entropy over ``batches``."""
+    """One epoch of plain AdamW steps on cross-entropy over ``batches``, reading the losses back
+    from the device as ``fit_map`` does: every ``CHECK_EVERY`` batches and at the end."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def epoch() -> None:
-        for x, y in batches:
+        pending = []
+        for i, (x, y) in enumerate(batches, 1):
             loss = F.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss.item()
+            pending.append(loss.detach())
+            if i % CHECK_EVERY == 0 or i == len(batches):
+                torch.stack(pending).tolist()
+                pending.clear()
     return epoch
 
 

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bayes_colora as bc  # noqa: E402
 from bayes_colora.classification import (classifier, conv_targets, load_medmnist,  # noqa: E402
                                          synthetic_medmnist)
+from bayes_colora.inference.objective import CHECK_EVERY  # noqa: E402
 from bayes_colora.subspace import _atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,12 +237,18 @@ def train_full(model: torch.nn.Module, data: dict, args: argparse.Namespace) -> 
     for epoch in tqdm(range(args.epochs), desc="full", disable=not args.progress):
         sync(dev)
         start = time.perf_counter()
-        for x, y in loader:
+        pending = []
+        for i, (x, y) in enumerate(loader, 1):
             loss = F.cross_entropy(forward(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss.item()  # fit_map reads every step's loss too: same host-device syncs
+            pending.append(loss.detach())
+            if i % CHECK_EVERY == 0 or i == len(loader):  # read back as fit_map does: same syncs
+                if not all(math.isfinite(v) for v in torch.stack(pending).tolist()):
+                    raise ValueError(f"full fine-tuning, epoch {epoch + 1}: a loss is not finite; "
+                                     f"lower --lr-full")
+                pending.clear()
         sync(dev)
         times.append(time.perf_counter() - start)
         nll = holdout_nll(model, data, args)
