@@ -25,7 +25,9 @@ in ``results.json`` (a stopped run continues where it stopped).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -79,6 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="target frames held out for Laplace's prior and temperature and the SWAG / VI "
                         "covariance scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="pre-train the source models with deterministic GPU kernels (no cuDNN autotuning), "
+                        "so that separate calls can reproduce the same source model; compare the "
+                        "'source' fingerprints of their rows to check")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -141,9 +147,38 @@ def mobilenet_weights(args: argparse.Namespace) -> str | None:
         return None
 
 
+def fingerprint(model: torch.nn.Module) -> str:
+    """The first 16 hex digits of the SHA-256 of every parameter and buffer's bytes (in
+    ``state_dict`` order, on the CPU): equal exactly when the two models are bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
+    """With ``enabled``: deterministic algorithms (warning where an op has none), cuDNN without
+    autotuning; the previous settings are restored afterwards."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+
+
 def pretrained_model(name: str, args: argparse.Namespace, cfg: dict[str, Any], lik: DepthLikelihood,
                      log: dict[str, Any]) -> torch.nn.Module:
-    """The source-trained model; cached in ``--out`` so a rerun does not train it again."""
+    """The source-trained model; cached in ``--out`` so a rerun does not train it again. Its
+    :func:`fingerprint` goes to ``log[f"source_{name}"]`` (and into every row made with it)."""
     torch.manual_seed(args.seed)
     if name == "mobilenet":
         weights = None if args.quick else mobilenet_weights(args)
@@ -155,20 +190,26 @@ def pretrained_model(name: str, args: argparse.Namespace, cfg: dict[str, Any], l
     path = os.path.join(args.out, f"pretrained-{name}.pt")
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path, map_location="cpu"))
+        log[f"source_{name}"] = fingerprint(model)
         return model.to(args.device).eval()
     h, w = cfg["size"]
     source = E.Normalised(procedural_scenes(cfg["source"], h, w, seed=args.seed + 100))
     start = time.perf_counter()
-    losses = E.pretrain_depth(model, source, lik, cfg["pretrain_epochs"], lr=1e-3, train=train,
-                              batch_size=cfg["settings"].batch_size, device=args.device, seed=args.seed,
-                              progress=not args.no_progress)
-    log[f"pretrain_{name}"] = {"seconds": time.perf_counter() - start, "loss": losses, "trained": train}
+    with deterministic_kernels(args.deterministic):
+        losses = E.pretrain_depth(model, source, lik, cfg["pretrain_epochs"], lr=1e-3, train=train,
+                                  batch_size=cfg["settings"].batch_size, device=args.device, seed=args.seed,
+                                  progress=not args.no_progress)
+    log[f"pretrain_{name}"] = {"seconds": time.perf_counter() - start, "loss": losses, "trained": train,
+                               "deterministic": args.deterministic}
+    log[f"source_{name}"] = fingerprint(model)
     _atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval()
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.deterministic:  # cuBLAS reads it when it starts, before the first matrix product
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = config(args)
     settings: E.EngineSettings = cfg["settings"]
     os.makedirs(args.out, exist_ok=True)
@@ -222,6 +263,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 curves = {m: [c.tolist() for c in P.sparsification_curves(pred.mean, pred.total_std, ev.depth, m)]
                           for m in ("rmse", "abs_rel")}
                 row = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
+                       "source": results["log"][f"source_{model_name}"],
                        **ev.metrics, "fit_s": fit_s, "predict_s": ev.seconds, "per_image": ev.per_image,
                        "curves": curves,
                        "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}

@@ -1,5 +1,7 @@
 """The depth experiment pieces: the Fisher of the depth likelihoods, the GGN diagonal for a depth
 network, the target-domain scenes, the depth figures, and the study's quick run (with resume)."""
+import copy
+import importlib.util
 import json
 import math
 import os
@@ -146,6 +148,8 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
         for key in ("abs_rel", "rmse", "nll", "ause_rmse", "aurg_rmse", "calibration_error"):
             assert math.isfinite(r[key]), (r["engine"], key)
     assert rows[0]["d"] > 0 and all(r["d"] == rows[0]["d"] for r in rows)
+    source = results["log"]["source_mobilenet"]  # the pre-trained model's fingerprint, in every row
+    assert len(source) == 16 and all(r["source"] == source for r in rows)
     n_test = 8  # the quick grid's test images
     for r in rows:
         assert {k: len(v) for k, v in r["per_image"].items()} == dict.fromkeys(
@@ -172,7 +176,38 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     again = subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.stdout.count("d = ") == 1 and "/ swag]" in again.stdout
     redone = {r["engine"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert redone["swag"]["source"] == source  # the cached pre-trained model, loaded again
     old = {r["engine"]: r for r in json.loads(before)["rows"]}
     assert redone["swag"]["nll"] == pytest.approx(old["swag"]["nll"], rel=1e-5)
     table = (out / "results.md").read_text().split("## Paired differences to MAP")[1]
     assert all(f"| {e} | - | - | - | - | - |" in table for e in ("laplace", "swag", "vi"))
+
+
+def _depth_study():
+    spec = importlib.util.spec_from_file_location("depth_uncertainty", os.path.join(ROOT, "studies", "depth_uncertainty.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fingerprint_tells_bit_identical_models_apart():
+    study = _depth_study()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    twin = copy.deepcopy(model)
+    assert study.fingerprint(model) == study.fingerprint(twin)
+    with torch.no_grad():  # one weight moved by one float32 ulp
+        w = twin[0].weight
+        w.view(-1)[5] = torch.nextafter(w.view(-1)[5], torch.tensor(1e9))
+    assert study.fingerprint(model) != study.fingerprint(twin)
+
+
+def test_deterministic_kernels_restores_the_settings():
+    study = _depth_study()
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
+    with study.deterministic_kernels(True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic) == before
