@@ -18,10 +18,15 @@ from .subspace import Subspace
 
 
 def linearized_outputs(sub: Subspace, theta_star: torch.Tensor, thetas: torch.Tensor, x: Any,
-                       chunk_size: int | None = None) -> torch.Tensor:
-    """``f(x; theta*) + J (theta_s - theta*)`` for ``thetas`` of shape ``(S, d)``: ``(S, B, ...)``."""
+                       chunk_size: int | str | None = None) -> torch.Tensor:
+    """``f(x; theta*) + J (theta_s - theta*)`` for ``thetas`` of shape ``(S, d)``: ``(S, B, ...)``.
+    ``chunk_size`` as in :meth:`Subspace.forward` (``"auto"`` measures the fastest)."""
     f = lambda t: sub(x, theta=t)  # noqa: E731
-    out, jv = vmap(lambda v: jvp(f, (theta_star,), (v,)), chunk_size=chunk_size)(thetas - theta_star)
+    tangents = thetas - theta_star
+
+    def run(chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return vmap(lambda v: jvp(f, (theta_star,), (v,)), chunk_size=chunk)(tangents)
+    out, jv = run(sub.chunk_for(chunk_size, "linearized", x, len(thetas), run))
     return out + jv
 
 

@@ -51,7 +51,7 @@ class Predictive:
 @torch.no_grad()
 def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
             likelihood: Likelihood | None = None, generator: torch.Generator | None = None,
-            chunk_size: int | None = None, keep_outputs: bool = False,
+            chunk_size: int | str | None = None, keep_outputs: bool = False,
             linearized: bool = False) -> Predictive:
     """Predictive moments of ``y`` at inputs ``x`` under posterior ``post``.
 
@@ -62,7 +62,8 @@ def predict(sub: Subspace, post: Posterior, x: Any, n_samples: int = 32,
         n_samples: S, the number of posterior samples.
         likelihood: defaults to the one the posterior was fitted with.
         generator: for reproducible samples.
-        chunk_size: evaluate at most this many samples at once (memory).
+        chunk_size: evaluate at most this many samples at once (memory), or ``"auto"``: the
+            fastest chunking, measured on the first call with these shapes (:mod:`.chunking`).
         keep_outputs: keep the ``(S, B, ...)`` raw outputs in ``Predictive.outputs``.
         linearized: evaluate the linearised (GLM) model ``f(x; mean) + J (theta_s - mean)`` at
             each sample, by Jacobian-vector products (see :mod:`.linearized`); the natural

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .adapters.base import AdapterLayer, AdapterSpec
+from .chunking import resolve_chunk, shape_key
 
 #: Per-example side inputs that travel with a batch but are no model argument: the task id of
 #: each example (``sub(x, task=ids)`` or a ``"task"`` entry of a dict ``x``). The subspace takes
@@ -89,6 +90,8 @@ class Subspace(nn.Module):
         # rather than by ``functional_call`` and ``adapter_layers`` on every call.
         self._aliases = _tied_slots(model, self.param_names)
         self._adapters = tuple(m for m in model.modules() if isinstance(m, AdapterLayer))
+        #: ``chunk_size="auto"``'s measured choices, by (what, S, input shapes)
+        self._chunk_choice: dict = {}
 
     @classmethod
     def from_model(cls, model: nn.Module, spec: AdapterSpec | Sequence[AdapterSpec],
@@ -168,14 +171,16 @@ class Subspace(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Any, theta: torch.Tensor | None = None,
-                chunk_size: int | None = None, task: torch.Tensor | None = None) -> torch.Tensor:
+                chunk_size: int | str | None = None, task: torch.Tensor | None = None) -> torch.Tensor:
         """``f(x; theta)``.
 
         Args:
             x: a tensor, a dict of tensors (passed as keyword arguments) or a tuple. A dict's
                 ``"task"`` entry is taken out and treated as ``task``.
             theta: ``None`` (current parameters), shape ``(d,)``, or ``(S, d)``.
-            chunk_size: with ``(S, d)``, evaluate at most this many samples at once (memory).
+            chunk_size: with ``(S, d)``, evaluate at most this many samples at once (memory), or
+                ``"auto"``: the fastest of all-at-once and chunks of 16, 8, 4, timed on the first
+                call with these shapes and remembered (:mod:`bayes_colora.chunking`).
             task: integer task id of each example, ``(B,)``, visible to the adapters through
                 :func:`current_task` during this call (multi-task adapters need it).
 
@@ -198,7 +203,7 @@ class Subspace(nn.Module):
         finally:
             _TASK.reset(token)
 
-    def _forward(self, x: Any, theta: torch.Tensor | None, chunk_size: int | None) -> torch.Tensor:
+    def _forward(self, x: Any, theta: torch.Tensor | None, chunk_size: int | str | None) -> torch.Tensor:
         if theta is None:
             return self.output(call_model(self.model, x))
         self._check_not_merged("sub(x, theta=...)")
@@ -206,7 +211,18 @@ class Subspace(nn.Module):
         theta = theta.to(device=self.device)
         if theta.dim() == 1:
             return self._functional(theta, x)
-        return vmap(self._functional, in_dims=(0, None), chunk_size=chunk_size)(theta, x)
+
+        def run(chunk: int | None) -> torch.Tensor:
+            return vmap(self._functional, in_dims=(0, None), chunk_size=chunk)(theta, x)
+        return run(self.chunk_for(chunk_size, "forward", x, len(theta), run))
+
+    def chunk_for(self, chunk_size: int | str | None, what: str, x: Any, n_samples: int,
+                  run: Callable[[int | None], Any]) -> int | None:
+        """``chunk_size``, or for ``"auto"`` the fastest chunking of ``run(chunk)`` over
+        ``n_samples`` samples of inputs like ``x`` (:func:`bayes_colora.chunking.resolve_chunk`),
+        measured once per ``(what, n_samples, input shapes)`` and remembered by this subspace."""
+        return resolve_chunk(chunk_size, self._chunk_choice, (what, n_samples, shape_key(x)), run,
+                             n_samples, self.device)
 
     def _functional(self, theta: torch.Tensor, x: Any) -> torch.Tensor:
         args, kwargs = ((), x) if isinstance(x, Mapping) else (

@@ -3,6 +3,8 @@
 The paths, all under ``torch.no_grad`` as in ``bc.predict``:
 
 * vectorised: ``sub(x, theta=T)``, one ``vmap``-ed functional call;
+* auto: ``sub(x, theta=T, chunk_size="auto")``, timed after its first call has measured and
+  remembered the fastest chunking (all at once, or 16, 8, 4 samples a call);
 * functional loop: ``sub(x, theta=t)`` for each row ``t``;
 * parameter loop: write ``t`` into the model's parameters, then a plain forward (what
   laplace-torch's sampling predictive does with ``vector_to_parameters``).
@@ -86,9 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"S = {args.samples}, device = {args.device}, torch threads = {torch.get_num_threads()}")
-    print("| model | d | vectorised (s) | functional loop (s) | parameter loop (s) | "
-          "functional loop / vectorised | parameter loop / vectorised | max abs diff |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | d | vectorised (s) | auto (s), chunk | functional loop (s) | parameter loop (s) | "
+          "functional loop / vectorised | parameter loop / vectorised | parameter loop / auto | max abs diff |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (sub, x) in cases(args.device).items():
         sub, x = sub.to(args.device), x.to(args.device)
         theta0 = sub.theta
@@ -104,11 +106,13 @@ def main() -> None:
 
         with torch.no_grad():
             vec = timed(lambda: sub(x, theta=thetas), args.repeats, sync)
+            auto = timed(lambda: sub(x, theta=thetas, chunk_size="auto"), args.repeats, sync)
+            chunk = next(iter(sub._chunk_choice.values()))
             loop = timed(lambda: torch.stack([sub(x, theta=t) for t in thetas]), args.repeats, sync)
             plain = timed(parameter_loop, args.repeats, sync)
             diff = (sub(x, theta=thetas) - parameter_loop()).abs().max().item()
-        print(f"| {name} | {sub.dim:,} | {vec:.4f} | {loop:.4f} | {plain:.4f} | {loop / vec:.2f}x | "
-              f"{plain / vec:.2f}x | {diff:.1e} |")
+        print(f"| {name} | {sub.dim:,} | {vec:.4f} | {auto:.4f}, {chunk or 'all'} | {loop:.4f} | {plain:.4f} | "
+              f"{loop / vec:.2f}x | {plain / vec:.2f}x | {plain / auto:.2f}x | {diff:.1e} |")
 
 if __name__ == "__main__":
     main()
