@@ -63,10 +63,13 @@ from bayes_colora.metrics import DEFAULT_FRACTIONS, sparsification_curve
 from bayes_colora.predictive import Predictive
 from bayes_colora.subspace import _atomic_write
 
-# Laplace (delta, T) and SWAG scale grids, searched on the validation crops (coarser for --quick)
-GRIDS = dict(prior_grid=[10.0 ** e for e in range(-1, 6)],
-             temperature_grid=[10.0 ** (e / 2) for e in range(0, 11)],
-             swag_scales=[10.0 ** (e / 2) for e in range(-2, 9)])
+# Laplace (delta, T) and SWAG scale grids, searched on the validation crops (coarser for --quick).
+# The GPU grid of 2026-11-24 (delta 1e-1..1e5, T 1..1e5, SWAG scale 1e-1..1e4) chose its edges:
+# delta 1e5 with T 1 at n = 16 and 32, SWAG scale 0.1 at every n; so each grid now reaches two
+# decades past the edge it chose (delta to 1e7, T down to 0.1, SWAG scale down to 1e-3).
+GRIDS = dict(prior_grid=[10.0 ** e for e in range(-1, 8)],
+             temperature_grid=[10.0 ** (e / 2) for e in range(-2, 11)],
+             swag_scales=[10.0 ** (e / 2) for e in range(-6, 9)])
 QUICK_GRIDS = dict(prior_grid=GRIDS["prior_grid"], temperature_grid=[10.0 ** e for e in range(0, 6)],
                    swag_scales=[10.0 ** e for e in range(-1, 5)])
 QUICK = dict(model="tiny", pairs=(8, 16), test_pairs=8, image=64, crop=32, crops_per_epoch=64,
