@@ -84,7 +84,7 @@ def fit_map(sub: Subspace, loader: Iterable, lik: Likelihood, prior: NormalPrior
             sub.theta = theta.detach()
             stop = bool(on_epoch(dict(hist[-1]), theta.detach()))
         if merge_and_reset:
-            sub.theta = theta.detach()
+            sub.theta = theta.detach()  # again: the hook may have evaluated other parameters
             sub.merge_and_reset(generator)
             with torch.no_grad():
                 theta.copy_(sub.theta)

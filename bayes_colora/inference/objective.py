@@ -130,8 +130,9 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
     """Minimise :math:`L` over ``theta`` (and the likelihood's parameters) for ``epochs`` epochs.
 
     Calls ``on_step(epoch, step)`` after every optimiser step and ``on_epoch(epoch, history)``
-    after every epoch; when ``on_epoch`` returns ``True`` training stops there. Raises ``ValueError`` naming the batch when data or the loss is not finite,
-    and when the loader is empty. Returns one record per epoch: mean ``loss`` and ``nll``.
+    after every epoch; when ``on_epoch`` returns ``True`` training stops there. Raises
+    ``ValueError`` naming the batch when data or the loss is not finite, and when the loader is
+    empty. Returns one record per epoch: mean ``loss`` and ``nll``.
 
     The losses stay on the device and are read back every :data:`CHECK_EVERY` batches and at the
     end of each epoch, so a step does not wait for the device. The first batch of the run is
