@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 import bayes_colora as bc
-from bayes_colora.depth import DepthLikelihood, depth_anything, mobilenet_depth
+from bayes_colora.depth import DECODER_TARGETS, DepthLikelihood, depth_anything, mobilenet_depth
 from bayes_colora.depth import experiment as E
 from bayes_colora.depth import plots as P
 from bayes_colora.depth.data import SevenScenes
@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="target frames held out for Laplace's prior and temperature and the SWAG / VI "
                         "covariance scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", default=DECODER_TARGETS,
+                   help="regular expression of the modules to adapt (default: the whole decoder; "
+                        r"'^decoder\.head\.' adapts the depth head only, so the S-sample predictive "
+                        "runs the rest of the decoder once); keep one --out per choice")
     p.add_argument("--deterministic", action="store_true",
                    help="pre-train the source models with deterministic GPU kernels (no cuDNN autotuning), "
                         "so that separate calls can reproduce the same source model; compare the "
@@ -109,6 +113,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             cfg[key] = list(value) if isinstance(value, list) else value
     cfg["size"] = tuple(cfg["size"])
+    cfg["targets"] = args.targets
     return cfg
 
 
@@ -218,6 +223,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if os.path.isfile(results_path):
         with open(results_path) as f:
             results = json.load(f)
+        before = results.get("config", {}).get("targets", DECODER_TARGETS)
+        if results["rows"] and before != cfg["targets"]:
+            raise ValueError(f"{results_path} holds rows with adapters on {before!r}, this run asks for "
+                             f"{cfg['targets']!r}: use another --out for each --targets")
     results["config"] = {**{k: v for k, v in cfg.items() if k != "settings"},
                          "settings": settings.as_dict(), "quick": args.quick, "device": args.device}
     done = {(r["model"], r["adapter"], r["engine"]) for r in results["rows"]}
@@ -239,7 +248,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             todo = [e for e in cfg["engines"] if (model_name, adapter, e) not in done]
             if not todo:
                 continue
-            sub = bc.Subspace.from_model(copy.deepcopy(base), E.ADAPTERS[adapter]()).to(args.device)
+            sub = bc.Subspace.from_model(copy.deepcopy(base), E.ADAPTERS[adapter](cfg["targets"])).to(args.device)
             # every engine of this adapter starts from the same MAP, also across resumed runs
             # (GPU training is not bit-reproducible, so a re-fitted MAP would differ)
             map_path = os.path.join(args.out, f"theta_map-{model_name}-{adapter}.pt")

@@ -211,3 +211,23 @@ def test_deterministic_kernels_restores_the_settings():
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
             torch.backends.cudnn.deterministic) == before
+
+
+def test_depth_study_targets_choose_the_adapted_modules(tmp_path):
+    """--targets restricts the adapters (the row's d is that of the same subspace built here), and
+    a results folder is not mixed: another --targets on the same --out is refused."""
+    out = tmp_path / "head"
+    cmd = [sys.executable, os.path.join(ROOT, "studies", "depth_uncertainty.py"), "--quick",
+           "--out", str(out), "--no-progress", "--models", "mobilenet", "--adapters", "convcolora",
+           "--engines", "map", "--size", "28", "42", "--source", "8", "--pretrain-epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    head = r"^decoder\.head$"
+    subprocess.run(cmd + ["--targets", head], check=True, cwd=ROOT, env=env, capture_output=True)
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    model = bc.depth.mobilenet_depth(aleatoric=True)
+    want = bc.Subspace.from_model(model, bc.ConvCoLoRA(targets=head)).dim
+    whole = bc.Subspace.from_model(bc.depth.mobilenet_depth(aleatoric=True),
+                                   bc.ConvCoLoRA(targets=bc.depth.DECODER_TARGETS)).dim
+    assert row["d"] == want < whole
+    refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "use another --out for each --targets" in refused.stderr

@@ -47,13 +47,14 @@ from .metrics import depth_nll, depth_per_image, evaluate_depth
 from .models import DECODER_TARGETS
 from .predict import DepthPrediction, predict_depth
 
-#: the adapters of the grid, each on every layer of the decoder
-ADAPTERS: dict[str, Callable[[], AdapterSpec]] = {
-    "bitfit": lambda: BitFit(targets=DECODER_TARGETS),
-    "difffit": lambda: DiffFit(targets=DECODER_TARGETS),
-    "lora": lambda: LoRA(rank=4, targets=DECODER_TARGETS),
-    "convcolora": lambda: ConvCoLoRA(targets=DECODER_TARGETS),
-    "tuckercolora": lambda: TuckerCoLoRA(ranks=(4, 4), targets=DECODER_TARGETS),
+#: the adapters of the grid, by default on every layer of the decoder (``targets``: another
+#: regular expression over module names, e.g. ``r"^decoder\.head\."`` for the depth head only)
+ADAPTERS: dict[str, Callable[..., AdapterSpec]] = {
+    "bitfit": lambda targets=DECODER_TARGETS: BitFit(targets=targets),
+    "difffit": lambda targets=DECODER_TARGETS: DiffFit(targets=targets),
+    "lora": lambda targets=DECODER_TARGETS: LoRA(rank=4, targets=targets),
+    "convcolora": lambda targets=DECODER_TARGETS: ConvCoLoRA(targets=targets),
+    "tuckercolora": lambda targets=DECODER_TARGETS: TuckerCoLoRA(ranks=(4, 4), targets=targets),
 }
 ENGINES: tuple[str, ...] = ("map", "laplace", "swag", "vi")
 #: ImageNet channel statistics; images are normalised with them before the encoder
