@@ -125,21 +125,23 @@ def evaluate_depth(pred: Predictive, gt_depth: torch.Tensor, mask: torch.Tensor 
     out["nll"] = M.gaussian_nll(mean, pred.total, gt, valid)
     out["calibration_error"] = M.quantile_calibration_error(mean, pred.total, gt, levels, valid)
     out["coverage_90"] = M.interval_coverage(mean, pred.total, gt, 0.9, valid)
-    errors = _sparsification_errors(mean, gt, valid, min_depth, max_depth)
-    std = pred.std
-    for name, reduce in SPARSIFICATION_METRICS.items():
-        areas = M._sparsification_areas(errors[name], std, valid, fractions, reduce)
+    for name, areas in _sparsification_areas(mean, gt, valid, pred.std, min_depth, max_depth,
+                                             fractions).items():
         out[f"ause_{name}"] = (areas[:, 1] - areas[:, 2]).mean().item()
         out[f"aurg_{name}"] = (areas[:, 0] - areas[:, 1]).mean().item()
     return out
 
 
-def _sparsification_errors(mean: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
-                           min_depth: float, max_depth: float | None) -> dict[str, torch.Tensor]:
-    """Per-pixel errors of the clamped prediction for :data:`SPARSIFICATION_METRICS`."""
+def _sparsification_areas(mean: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, std: torch.Tensor,
+                          min_depth: float, max_depth: float | None,
+                          fractions: tuple[float, ...] | torch.Tensor) -> dict[str, torch.Tensor]:
+    """For each of :data:`SPARSIFICATION_METRICS`, the ``(B', 3)`` random / model / oracle areas
+    of the images with a valid pixel, in order, for the errors of the clamped prediction."""
     clamped = mean.clamp(min_depth, max_depth)
     gt_safe = torch.where(valid, gt, torch.ones_like(gt))  # no 0/0 at pixels the mask drops
-    return {"abs_rel": (clamped - gt_safe).abs() / gt_safe, "rmse": (clamped - gt_safe).abs()}
+    errors = {"abs_rel": (clamped - gt_safe).abs() / gt_safe, "rmse": (clamped - gt_safe).abs()}
+    return {name: M._sparsification_areas(errors[name], std, valid, fractions, reduce)
+            for name, reduce in SPARSIFICATION_METRICS.items()}
 
 
 def depth_per_image(pred: Predictive, gt_depth: torch.Tensor, mask: torch.Tensor | None = None,
@@ -165,20 +167,15 @@ def depth_per_image(pred: Predictive, gt_depth: torch.Tensor, mask: torch.Tensor
     mean, gt = M._image_maps(pred.mean, gt_depth, ("pred.mean", "gt_depth"))
     total = M._image_maps(pred.total, gt, ("pred.total", "gt_depth"))[0]
     valid = valid_depth_mask(gt, mask, min_depth, max_depth)
-    errors = _sparsification_errors(mean, gt, valid, min_depth, max_depth)
-    std = pred.std
-    out: dict[str, list[float | int | None]] = {"n_valid": [], "nll": [],
-                                                **{f"ause_{n}": [] for n in SPARSIFICATION_METRICS}}
-    for b in range(gt.shape[0]):
-        n_b = int(valid[b].sum())
-        out["n_valid"].append(n_b)
-        if n_b == 0:
-            for key in ("nll", *(f"ause_{n}" for n in SPARSIFICATION_METRICS)):
-                out[key].append(None)
-            continue
+    n_valid = valid.flatten(1).sum(1).tolist()
+    kept = [b for b, n in enumerate(n_valid) if n > 0]  # the rows of the areas, in order
+    out: dict[str, list[float | int | None]] = {"n_valid": n_valid, "nll": [None] * len(n_valid)}
+    for b in kept:
         one = slice(b, b + 1)
-        out["nll"].append(M.gaussian_nll(mean[one], total[one], gt[one], valid[one]))
-        for name, reduce in SPARSIFICATION_METRICS.items():
-            areas = M._sparsification_areas(errors[name][one], std[one], valid[one], fractions, reduce)
-            out[f"ause_{name}"].append((areas[0, 1] - areas[0, 2]).item())
+        out["nll"][b] = M.gaussian_nll(mean[one], total[one], gt[one], valid[one])
+    for name, areas in _sparsification_areas(mean, gt, valid, pred.std, min_depth, max_depth,
+                                             fractions).items():
+        out[f"ause_{name}"] = [None] * len(n_valid)
+        for b, value in zip(kept, (areas[:, 1] - areas[:, 2]).tolist()):
+            out[f"ause_{name}"][b] = value
     return out
