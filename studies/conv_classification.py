@@ -24,15 +24,22 @@ Laplace (diagonal GGN from Rademacher probes), SWAG and VI (mean-field), all sta
 estimate, are compared by NLL, ECE and reliability diagrams; each engine's settings are chosen on
 the same holdout by the NLL of its predictive (Laplace: prior precision x temperature, and the
 linearised or the sampled predictive; SWAG: learning rate x covariance scale; VI: temperature;
-the grids are the ``LAPLACE_*``, ``SWAG_*`` and ``VI_*`` constants); they, the merge check and
-the reliability diagrams use the first seed's ConvCoLoRA only (the accuracy-vs-parameters figure
-plots the means). The merge path is checked: the merged plain
-network gives the adapted logits, at the base network's cost.
+the grids are the ``LAPLACE_*``, ``SWAG_*`` and ``VI_*`` constants). The engines run on the MAPs
+of the first ``--engine-seeds`` seeds (default 1) of ``--engine-method`` (default ``colora``); with
+two or more, each engine's mean paired difference to MAP and its standard error over those seeds
+is tabled and decides the target check. The merge check and the reliability diagrams use the first
+seed (the accuracy-vs-parameters figure plots the means). The merge path is checked: the merged
+plain network gives the adapted logits, at the base network's cost.
+
+Runs on one split (same ``--split-seed``) can run as separate processes, e.g. one per method or per
+seed, and ``--combine A/results.json B/results.json ... --out C`` joins them into one table (a
+method trained at a non-default learning rate keeps its own row, ``colora@lr0.003``).
 
     python studies/conv_classification.py --quick --out /tmp/conv                # CPU, synthetic set
     python studies/conv_classification.py --device cuda --out runs/conv \
         --data data/medmnist/pneumoniamnist_train_val.npz --weights data/weights/mobilenetv2_imagenet_features.pt \
         --seeds 3                                                                    # mean +- std over 3 seeds
+    python studies/conv_classification.py --combine runs/conv_a/results.json runs/conv_b/results.json --out runs/conv
 """
 from __future__ import annotations
 
@@ -80,6 +87,8 @@ SWAG_LR_FRACTIONS = (0.5, 0.1, 0.02, 0.004)
 SWAG_SCALES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: VI: likelihood temperature (``log p(D | theta) / T``; T < 1: a colder, narrower posterior)
 VI_TEMPERATURES = (1.0, 0.1)
+#: the engines, in the order they run and are tabled
+ENGINE_ORDER = ("map", "laplace", "swag", "vi")
 #: per-method quantities averaged over seeds with --seeds K > 1 (mean and sample standard deviation)
 SEED_METRICS = ("accuracy", "auc", "nll", "ece", "time_per_epoch_s")
 
@@ -115,9 +124,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swag-epochs", type=int, default=2)
     p.add_argument("--vi-epochs", type=int, default=2)
     p.add_argument("--eval-batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="data split seed and the first training seed")
+    p.add_argument("--seed", type=int, default=0, help="the first training seed (and the split's, by default)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the fit/holdout split (default --seed); runs with the same split seed "
+                        "and different --seed can be joined with --combine")
     p.add_argument("--seeds", type=int, default=1, help="train every method with seeds --seed .. --seed + K - 1 "
-                   "(the fit/holdout split stays that of --seed; engines on the first seed only)")
+                   "(the fit/holdout split stays that of --split-seed)")
+    p.add_argument("--engine-method", default="colora", choices=[m for m in METHODS if m != "full"],
+                   help="the subspace method whose MAP the Bayesian engines start from")
+    p.add_argument("--engine-seeds", type=int, default=1,
+                   help="run the engines on the first K seeds' MAPs of --engine-method (0: none); with "
+                        "K >= 2 the table adds each engine's mean paired difference to MAP and its standard error")
+    p.add_argument("--combine", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: join the results.json files of runs on the same split (e.g. one "
+                        "process per seed or per method) into one results.json and table in --out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward of every method (full fine-tuning: the model; "
                         "subspace methods: fit_map(compile=True)); the first epoch then includes compilation")
@@ -131,6 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
+    if not 0 <= args.engine_seeds <= args.seeds:
+        p.error(f"--engine-seeds must be in 0..--seeds ({args.seeds}), got {args.engine_seeds}")
+    if args.split_seed is None:
+        args.split_seed = args.seed
     return args
 
 
@@ -140,13 +164,13 @@ def load_data(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.T
     path = args.data
     if args.quick:
         path = args.out / "synthetic_medmnist.npz"
-        synthetic_medmnist(path, n_train=448, n_val=256, seed=args.seed)
+        synthetic_medmnist(path, n_train=448, n_val=256, seed=args.split_seed)
     x, y = load_medmnist(path, "train")
     xv, yv = load_medmnist(path, "val")
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.split_seed))
     if args.subset is not None:  # random subsets: a MedMNIST file may store a split sorted by class
         perm = perm[:args.subset]
-        keep = torch.randperm(len(yv), generator=torch.Generator().manual_seed(args.seed + 1))[:args.subset]
+        keep = torch.randperm(len(yv), generator=torch.Generator().manual_seed(args.split_seed + 1))[:args.subset]
         xv, yv = xv[keep], yv[keep]
     n_hold = max(1, round(args.holdout * len(perm)))
     hold, fit = perm[:n_hold], perm[n_hold:]
@@ -443,7 +467,8 @@ def run_engines(sub: bc.Subspace, data: dict, args: argparse.Namespace
         return Tuned(post, False, {}, holdout_nlls(sub, {0: (post, False)}, data, args)[0])
 
     rows, probs = [], {}
-    for name, tune in {"map": point_mass, "laplace": tune_laplace, "swag": tune_swag, "vi": tune_vi}.items():
+    tuners = {"map": point_mass, "laplace": tune_laplace, "swag": tune_swag, "vi": tune_vi}
+    for name, tune in ((n, tuners[n]) for n in ENGINE_ORDER):
         sub.theta = theta_map
         torch.manual_seed(args.seed)
         sync(dev)
@@ -490,24 +515,40 @@ def markdown(rows: list[dict], engine_rows: list[dict], merge: dict | None, targ
                          f"{r['time_per_epoch_s']:.3f} | {r['best_epoch']} | {r['accuracy']:.4f} | "
                          f"{r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |")
     else:
-        lines = [f"Mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}; "
-                 "same fit/holdout split); best epoch per seed.", "",
+        if all(r["seeds"] == seeds for r in rows):
+            over = f"over {len(seeds)} seeds ({', '.join(map(str, seeds))}; same fit/holdout split)"
+        else:
+            over = ("over each method's seeds (same fit/holdout split): "
+                    + "; ".join(f"{r['method']} {', '.join(map(str, r['seeds']))}" for r in rows))
+        lines = [f"Mean ± sample standard deviation {over}; best epoch per seed.", "",
                  "| method | trainable | % of network | time/epoch (s) | best epoch | val acc | val AUC | NLL | ECE |",
                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         digits = {k: 3 if k == "time_per_epoch_s" else 4 for k in SEED_METRICS}
         for r in rows:
-            cells = [f"{r[k]:.{digits[k]}f} ± {r[k + '_std']:.{digits[k]}f}" for k in SEED_METRICS]
+            cells = [f"{r[k]:.{digits[k]}f}" + (f" ± {r[k + '_std']:.{digits[k]}f}" if r[k + "_std"] is not None
+                                                 else "") for k in SEED_METRICS]
             lines.append(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.2f} | {cells[4]} | "
                          f"{', '.join(map(str, r['best_epoch']))} | {' | '.join(cells[:4])} |")
     if engine_rows:
-        lines += [""]
-        if seeds is not None:
-            lines += [f"Engines, merge check and reliability diagrams: ConvCoLoRA of seed {seeds[0]} only.", ""]
-        lines += ["| ConvCoLoRA engine | chosen on the holdout | holdout NLL | fit + tuning (s) | val acc | "
-                  "val AUC | NLL | ECE |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['engine']} | {_settings(r['chosen'])} | {r['holdout_nll']:.4f} | {r['fit_s']:.2f} | "
-                  f"{r['accuracy']:.4f} | {r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
+        engine_seeds = sorted({r["seed"] for r in engine_rows})
+        method = engine_rows[0].get("method", "colora")
+        lines += ["", f"Engines on {method}'s MAP of seed{'s' if len(engine_seeds) > 1 else ''} "
+                  f"{', '.join(map(str, engine_seeds))}" + (" only" if len(engine_seeds) == 1 else "")
+                  + f"; merge check and reliability diagrams: seed {engine_seeds[0]} only.", "",
+                  "| seed | engine | chosen on the holdout | holdout NLL | fit + tuning (s) | val acc | "
+                  "val AUC | NLL | ECE |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['seed']} | {r['engine']} | {_settings(r['chosen'])} | {r['holdout_nll']:.4f} | "
+                  f"{r['fit_s']:.2f} | {r['accuracy']:.4f} | {r['auc']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
                   for r in engine_rows]
+        summary = engine_summary(engine_rows)
+        if any(len(r["seeds"]) > 1 for r in summary):
+            lines += ["", "Each engine minus the same seed's MAP, mean over seeds ± standard error "
+                      "(sample standard deviation / sqrt(seeds)); negative NLL and ECE are better.", "",
+                      "| engine | seeds | NLL - MAP | ECE - MAP | accuracy - MAP |", "| --- | ---: | ---: | ---: | ---: |"]
+            for r in summary:
+                cells = [f"{r['d_' + k]:+.4f}" + (f" ± {r['d_' + k + '_se']:.4f}" if r["d_" + k + "_se"] is not None
+                                                  else "") for k in ("nll", "ece", "accuracy")]
+                lines.append(f"| {r['engine']} | {len(r['seeds'])} | {' | '.join(cells)} |")
     if merge:
         lines += ["", f"Merge path: max |logit difference| {merge['max_abs_logit_diff']:.2e} (logits up to "
                   f"{merge['max_abs_logit']:.2f}), adapter modules left {merge['adapter_modules_left']}, "
@@ -523,8 +564,28 @@ def _settings(chosen: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items()) or "-"
 
 
+def engine_summary(engine_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    r"""Per engine other than MAP, over the K seeds that ran it: the mean paired difference to the
+    same seed's MAP, ``d_m = (1/K) sum_s (m_s^engine - m_s^MAP)`` for ``m`` in NLL, ECE and accuracy,
+    and its standard error ``d_m_se = std_s(m^engine - m^MAP) / sqrt(K)`` (``None`` for K = 1)."""
+    maps = {r["seed"]: r for r in engine_rows if r["engine"] == "map"}
+    out = []
+    for name in ENGINE_ORDER[1:]:
+        runs = [r for r in engine_rows if r["engine"] == name and r["seed"] in maps]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"engine": name, "seeds": [r["seed"] for r in runs]}
+        for k in ("nll", "ece", "accuracy"):
+            diffs = [r[k] - maps[r["seed"]][k] for r in runs]
+            row[f"d_{k}"] = statistics.fmean(diffs)
+            row[f"d_{k}_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        out.append(row)
+    return out
+
+
 def check_targets(rows: list[dict], engine_rows: list[dict]) -> dict[str, Any]:
-    """The issue's targets; with several seeds on the means over seeds."""
+    """The issue's targets; with several seeds on the means over seeds (engines: the mean paired
+    difference to MAP over the seeds that ran them)."""
     by = {r["method"]: r for r in rows}
     out: dict[str, Any] = {}
     if "full" in by and "colora" in by:
@@ -537,20 +598,81 @@ def check_targets(rows: list[dict], engine_rows: list[dict]) -> dict[str, Any]:
         out["colora_bn_within_1pt_of_full"] = col["accuracy"] >= full["accuracy"] - 0.01
         out["colora_bn_params_le_20pct_of_full"] = col["trainable"] <= 0.2 * full["trainable"]
         out["colora_bn_faster_per_epoch"] = col["time_per_epoch_s"] < full["time_per_epoch_s"]
-    eng = {r["engine"]: r for r in engine_rows}
-    for name in ("laplace", "swag", "vi"):
-        if name in eng:
-            out[f"{name}_lower_ece_and_nll_than_map"] = (eng[name]["ece"] < eng["map"]["ece"]
-                                                         and eng[name]["nll"] < eng["map"]["nll"])
+    for r in engine_summary(engine_rows):
+        out[f"{r['engine']}_lower_ece_and_nll_than_map"] = r["d_ece"] < 0 and r["d_nll"] < 0
     return out
+
+
+def method_label(row: dict[str, Any], config: dict[str, Any], first_lr: dict[str, float]) -> str:
+    """A method's name, with its learning rate appended when it differs from that of the first
+    joined run with the method (so ``--combine`` keeps, e.g., ``colora`` and ``colora@lr0.003``
+    apart); ``first_lr`` maps method to that first learning rate and is filled here."""
+    lr = config["lr_full"] if row["method"] == "full" else config["lr"]
+    first = first_lr.setdefault(row["method"], lr)
+    return row["method"] if lr == first else f"{row['method']}@lr{lr:g}"
+
+
+def combine(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict | None]:
+    """Join the ``results.json`` contents of several runs on one split: per method label the
+    per-seed rows of every run (``over_seeds`` when there are two or more), the engine rows of
+    every run, and the first run's merge check. Raises when the runs' splits or data differ, or
+    a (method, seed) comes twice."""
+    first = results[0]["config"]
+    for r in results[1:]:
+        for k in ("data", "split_seed", "holdout", "subset", "input_size", "backbone", "epochs"):
+            if r["config"].get(k) != first.get(k):
+                raise ValueError(f"--combine: runs differ in {k} ({first.get(k)!r} vs {r['config'].get(k)!r}); "
+                                 f"only runs on the same data, split and schedule can be joined")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    engines, merge, first_lr = [], None, {}
+    for r in results:
+        for row in r["methods"]:
+            per_seed = row.get("per_seed") or [{"seed": r["config"]["seed"], **row}]
+            label = method_label(row, r["config"], first_lr)
+            runs.setdefault(label, []).extend(per_seed)
+        engines += [{"seed": r["config"]["seed"], **e} if "seed" not in e else e for e in r["engines"]]
+        merge = merge or r["merge"]
+    rows = []
+    for label, seeds in runs.items():
+        if len({s["seed"] for s in seeds}) != len(seeds):
+            raise ValueError(f"--combine: {label} has seeds {[s['seed'] for s in seeds]}; each seed once")
+        seeds.sort(key=lambda s: s["seed"])
+        if len(seeds) > 1:
+            row = over_seeds(seeds)
+        else:  # one seed: its values, no spread
+            row = {**seeds[0], "seeds": [seeds[0]["seed"]], "best_epoch": [seeds[0]["best_epoch"]],
+                   "per_seed": seeds, **{k + "_std": None for k in SEED_METRICS}}
+        rows.append({**row, "method": label})
+    return rows, sorted(engines, key=lambda e: (e["seed"], ENGINE_ORDER.index(e["engine"]))), merge
+
+
+def write_outputs(args: argparse.Namespace, results: dict[str, Any], probs: dict[str, torch.Tensor],
+                  y_val: torch.Tensor | None) -> None:
+    """results.json, results.md and (with predictive probabilities) the figures, atomically."""
+    _atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    table = markdown(results["methods"], results["engines"], results["merge"], results["targets"])
+    _atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))
+    written = [args.out / "results.json", args.out / "results.md"]
+    if probs:
+        written += figures(results["methods"], probs, y_val, args.out)
+    print(table)
+    print("wrote " + ", ".join(os.fspath(p) for p in written) + f" in {results['total_s']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if importlib.util.find_spec("torchmetrics") is None:  # fail before training, not after
-        raise ModuleNotFoundError("the AUC needs torchmetrics: pip install torchmetrics")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        rows, engine_rows, merge = combine(parts)
+        results = {"config": {"combined": [os.fspath(f) for f in args.combine]}, "methods": rows,
+                   "engines": engine_rows, "merge": merge, "targets": check_targets(rows, engine_rows),
+                   "total_s": sum(p["total_s"] for p in parts), "n": parts[0]["n"]}
+        write_outputs(args, results, {}, None)
+        return results
+    if importlib.util.find_spec("torchmetrics") is None:  # fail before training, not after
+        raise ModuleNotFoundError("the AUC needs torchmetrics: pip install torchmetrics")
     data = load_data(args)
     num_classes = int(max(data["fit"][1].max(), data["val"][1].max())) + 1
     rows, engine_rows, merge, probs = [], [], None, {}
@@ -561,26 +683,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed_args.seed = args.seed + s
             row, sub, base = run_method(method, data, seed_args, num_classes)
             runs.append(row if args.seeds == 1 else {"seed": seed_args.seed, **row})
-            if method == "colora" and s == 0:
-                merge = merge_check(sub, base, data, seed_args)
-                engine_rows, probs = run_engines(sub, data, seed_args)
-                if args.seeds > 1:
-                    merge = {"seed": seed_args.seed, **merge}
-                    engine_rows = [{"seed": seed_args.seed, **r} for r in engine_rows]
+            if method == args.engine_method and s < args.engine_seeds:
+                seed_rows, seed_probs = run_engines(sub, data, seed_args)
+                engine_rows += [{"seed": seed_args.seed, "method": method, **r} for r in seed_rows]
+                if s == 0:
+                    merge, probs = {"seed": seed_args.seed, **merge_check(sub, base, data, seed_args)}, seed_probs
         rows.append(runs[0] if args.seeds == 1 else over_seeds(runs))
-    targets = check_targets(rows, engine_rows)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results = {"config": config, "methods": rows, "engines": engine_rows, "merge": merge,
-               "targets": targets, "total_s": time.perf_counter() - started,
+               "targets": check_targets(rows, engine_rows), "total_s": time.perf_counter() - started,
                "n": {k: len(v[1]) for k, v in data.items()}}
-    _atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
-    table = markdown(rows, engine_rows, merge, targets)
-    _atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))
-    written = [args.out / "results.json", args.out / "results.md"]
-    if probs:
-        written += figures(rows, probs, data["val"][1], args.out)
-    print(table)
-    print("wrote " + ", ".join(os.fspath(p) for p in written) + f" in {results['total_s']:.0f} s")
+    write_outputs(args, results, probs, data["val"][1])
     return results
 
 

@@ -304,6 +304,42 @@ def test_study_seeds(tmp_path):
     assert "over 2 seeds" in table and "seed 0 only" in table and " ± " in table
 
 
+def test_study_engine_seeds_and_combine(tmp_path):
+    """--engine-seeds 2 runs the engines on both seeds' MAPs and tables each engine's mean paired
+    difference to MAP with its standard error; --combine joins a seed-0 run and a seed-1 run on the
+    same split (--split-seed 0) into exactly the rows of the two-seed run, keeps a run at another
+    learning rate apart, and refuses runs on different splits."""
+    study = _study()
+    common = ["--quick", "--no-progress", "--epochs", "1", "--n-samples", "4", "--laplace-probes", "2",
+              "--subset", "96", "--vi-epochs", "1", "--swag-epochs", "1", "--methods", "colora"]
+    both = study.main(common + ["--out", str(tmp_path / "both"), "--seeds", "2", "--engine-seeds", "2"])
+    assert [(r["seed"], r["engine"]) for r in both["engines"]] == [
+        (s, e) for s in (0, 1) for e in study.ENGINE_ORDER]
+    by = {(r["seed"], r["engine"]): r for r in both["engines"]}
+    for r in study.engine_summary(both["engines"]):
+        d = [by[(s, r["engine"])]["nll"] - by[(s, "map")]["nll"] for s in (0, 1)]
+        assert r["d_nll"] == pytest.approx(sum(d) / 2)
+        assert r["d_nll_se"] == pytest.approx(abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5)  # std / sqrt(2)
+        assert both["targets"][f"{r['engine']}_lower_ece_and_nll_than_map"] == (r["d_nll"] < 0 and r["d_ece"] < 0)
+    assert "mean over seeds ± standard error" in (tmp_path / "both" / "results.md").read_text()
+
+    study.main(common + ["--out", str(tmp_path / "s0"), "--engine-seeds", "0"])
+    study.main(common + ["--out", str(tmp_path / "s1"), "--seed", "1", "--split-seed", "0", "--engine-seeds", "0"])
+    study.main(common + ["--out", str(tmp_path / "lr"), "--lr", "3e-2", "--engine-seeds", "0"])
+    joined = study.main(["--combine", *(str(tmp_path / d / "results.json") for d in ("s0", "s1", "lr")),
+                         "--out", str(tmp_path / "joined")])
+    rows = {r["method"]: r for r in joined["methods"]}
+    assert set(rows) == {"colora", "colora@lr0.03"}
+    for k in study.SEED_METRICS[:4]:  # the same training runs: equal metrics (times differ)
+        assert rows["colora"][k] == pytest.approx(both["methods"][0][k], rel=1e-6)
+        assert rows["colora"][k + "_std"] == pytest.approx(both["methods"][0][k + "_std"], rel=1e-5, abs=1e-9)
+    assert rows["colora"]["seeds"] == [0, 1] and joined["engines"] == []
+    study.main(common + ["--out", str(tmp_path / "other"), "--split-seed", "5", "--engine-seeds", "0"])
+    with pytest.raises(ValueError, match="split_seed"):
+        study.main(["--combine", str(tmp_path / "s0" / "results.json"), str(tmp_path / "other" / "results.json"),
+                    "--out", str(tmp_path / "bad")])
+
+
 def test_study_subset_is_random(tmp_path):
     """A split stored sorted by class still gives both classes in a --subset, and the holdout
     and fit parts partition the subset."""
