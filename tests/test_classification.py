@@ -270,6 +270,7 @@ def test_study_quick(tmp_path):
     assert eng["swag"]["chosen"]["scale"] in study.SWAG_SCALES
     assert eng["swag"]["chosen"]["lr"] in [f * study.QUICK["lr"] for f in study.SWAG_LR_FRACTIONS]
     assert eng["vi"]["chosen"]["temperature"] in study.VI_TEMPERATURES
+    assert eng["vi"]["chosen"]["lr"] in [f * study.QUICK["lr"] for f in study.VI_LR_FRACTIONS]
     assert all(r["holdout_nll"] > 0 for r in saved["engines"])
 
 
