@@ -35,6 +35,12 @@ differ) reuses them and computes only the missing cells. Every cell seeds its ow
 numbers, so a resumed cell reproduces what an uninterrupted run computes (on the same device).
 ``results.md`` is rewritten after every cell, the figures at the end of every run.
 
+``--combine DIR [DIR ...] --out OUT`` trains nothing: it joins study folders run with different
+``--seed`` (and ``--pairs``), the same settings otherwise, into ``OUT/results.json`` and
+``OUT/results.md``: per n and method the mean ± sample sd over seeds of PSNR, SSIM and AURG; per n
+the paired differences over seeds (ContributionLoRA - uniform and - full in PSNR, SWAG - MAP and
+Laplace - MAP in AURG) as mean ± SE, per seed and pooled per image; and the targets on the means.
+
 ``--quick`` runs on synthetic data (procedural images with signal-dependent noise) on the CPU
 in under 3 minutes. The full run (``--data``) needs ``polyu/`` and ``clean/`` under the data
 folder (``bayes_colora.restoration.pack`` writes a 12 MB copy).
@@ -45,6 +51,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -482,13 +489,20 @@ def _mean_and_se(a: list[float], b: list[float]) -> tuple[float, float]:
     return out["mean"], out["se_frame"]
 
 
+def _difference(metric: str, mean: float, se: float | None = None) -> str:
+    """A difference in ``metric`` (PSNR in dB to 3 decimals, AURG in 3 significant digits), as
+    ``mean ± SE`` when ``se`` is given."""
+    if metric == "psnr":
+        return f"{mean:+.3f}" + ("" if se is None else f" ± {se:.3f}")
+    return f"{mean:+.2e}" + ("" if se is None else f" ± {se:.1e}")
+
+
 def paired_lines(rows: list[dict]) -> list[str]:
     """One markdown table per n of the paired per-image differences of :data:`PAIRED`, as
     ``mean ± SE`` (:func:`_mean_and_se`) in PSNR (dB) and AURG; ``-`` where either row has
     no ``per_image`` (rows from an older results.json). Comparisons with a row not yet computed
     are left out."""
     by_cell = {(r["pairs"], r["key"]): r for r in rows}
-    fmt = {"psnr": lambda m, se: f"{m:+.3f} ± {se:.3f}", "aurg": lambda m, se: f"{m:+.2e} ± {se:.1e}"}
     lines = []
     for n in sorted({r["pairs"] for r in rows}):
         pairs = [(by_cell[n, a], by_cell[n, b]) for a, b in PAIRED if (n, a) in by_cell and (n, b) in by_cell]
@@ -499,7 +513,7 @@ def paired_lines(rows: list[dict]) -> list[str]:
                   f"(SE = sample sd of the per-image differences / sqrt({m})):", "",
                   "| comparison | PSNR (dB) | AURG |", "|---|---|---|"]
         for a, b in pairs:
-            cells = [fmt[k](*_mean_and_se(a["per_image"][k], b["per_image"][k]))
+            cells = [_difference(k, *_mean_and_se(a["per_image"][k], b["per_image"][k]))
                      if "per_image" in a and "per_image" in b else "-" for k in ("psnr", "aurg")]
             lines.append(f"| {a['method']} - {b['method']} | {cells[0]} | {cells[1]} |")
     return lines
@@ -535,6 +549,180 @@ def write_table(result: dict, out: Path) -> Path:
     path = out / "results.md"
     _atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
+
+
+# ---------------------------------------------------------------------------------- --combine
+# over seeds: each cell's mean ± sample sd of these metrics; paired differences (a, b, metric)
+SEED_METRICS = ("psnr", "ssim", "aurg")
+SEED_PAIRED = [("map", "uniform", "psnr"), ("map", "full", "psnr"), ("swag", "map", "aurg"),
+               ("laplace", "map", "aurg")]
+FULL_GAP_DB = 0.3  # target: ContributionLoRA within 0.3 dB of full fine-tuning (set at 64 pairs)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (divisor K - 1; ``None`` for K = 1) of K values."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def load_runs(dirs: list[Path]) -> tuple[dict, dict[tuple[int, int, str], dict]]:
+    """``(config, cells)`` of the study folders ``dirs``: their shared ``config`` less ``seed``, and
+    every row keyed ``(seed, n, key)``. Refuses (``SystemExit``) folders whose configs differ in
+    any key but ``seed`` (``--pairs`` is not stored in it), a cell present twice, and a seed's n
+    whose cells lie in two folders (its rows must share one pre-trained network and one MAP)."""
+    config, first, cells, source = None, None, {}, {}
+    for d in dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: --combine: {path} does not exist")
+        data = json.loads(path.read_text())
+        seed, own = data["config"]["seed"], {k: v for k, v in data["config"].items() if k != "seed"}
+        if config is None:
+            config, first = own, path
+        for k in sorted(set(config) | set(own)):
+            if config.get(k) != own.get(k):
+                raise SystemExit(f"error: --combine: {first} and {path} differ in {k}: {config.get(k)!r} vs "
+                                 f"{own.get(k)!r}; only --seed and --pairs may differ")
+        for row in data["rows"]:
+            n, key = row["pairs"], row["key"]
+            if (seed, n, key) in cells:
+                raise SystemExit(f"error: --combine: seed {seed}, {n} pairs, cell {key} is in both "
+                                 f"{source[seed, n]} and {path}")
+            if source.setdefault((seed, n), path) != path:
+                raise SystemExit(f"error: --combine: the cells of seed {seed} at {n} pairs lie in both "
+                                 f"{source[seed, n]} and {path}; they must come from one run")
+            cells[seed, n, key] = row
+    return config, cells
+
+
+def seed_difference(cells: dict[tuple[int, int, str], dict], n: int, a: str, b: str, metric: str
+                    ) -> dict | None:
+    r"""Paired difference ``d_s = metric(a) - metric(b)`` at n pairs over the K seeds that ran both
+    cells (a seed fixes the test split and the pre-trained network): ``mean = (1/K) sum_s d_s``,
+    ``se = sd(d) / sqrt(K)`` (sample sd; ``None`` for K = 1) and ``per_seed``. ``pooled``: the
+    per-image differences of all K seeds' m test images together (:func:`_mean_and_se` over
+    K m images, taken as independent, so it holds no training randomness; on PolyU the seeds'
+    test sets can share images), or ``None`` when a row has no ``per_image``. With equal m per
+    seed the pooled mean is ``mean``."""
+    seeds = sorted(s for s, m, k in cells if (m, k) == (n, a) and (s, n, b) in cells)
+    if not seeds:
+        return None
+    ra, rb = [cells[s, n, a] for s in seeds], [cells[s, n, b] for s in seeds]
+    diffs = [x[metric] - y[metric] for x, y in zip(ra, rb)]
+    mean, sd = _mean_sd(diffs)
+    pooled = None
+    if all("per_image" in r for r in ra + rb):
+        xs = [v for r in ra for v in r["per_image"][metric]]
+        ys = [v for r in rb for v in r["per_image"][metric]]
+        pooled = dict(zip(("mean", "se"), _mean_and_se(xs, ys)), images=len(xs))
+    return {"pairs": n, "a": a, "b": b, "metric": metric, "comparison": f"{ra[0]['method']} - {rb[0]['method']}",
+            "seeds": seeds, "per_seed": diffs, "mean": mean, "se": None if sd is None else sd / math.sqrt(len(diffs)),
+            "pooled": pooled}
+
+
+def _target(name: str, n: int, margin: float, se: float | None, seeds: list[int], met: bool) -> dict:
+    """A target's verdict: ``margin`` (> 0 or >= 0 when met) in units of ``se`` as ``z``."""
+    return {"target": name, "pairs": n, "margin": margin, "se": se, "z": margin / se if se else None,
+            "seeds": seeds, "met": met}
+
+
+def seed_targets(rows: list[dict], diffs: list[dict]) -> list[dict]:
+    r"""The study's targets at every n, on the means over seeds; ``margin`` is how far the mean lies
+    on the right side of the threshold and ``z = margin / SE`` (SE over seeds):
+
+    * ContributionLoRA > uniform LoRA in PSNR: ``margin = mean_s(map - uniform)``, met if > 0;
+    * within 0.3 dB of full fine-tuning (the target is set at 64 pairs):
+      ``margin = mean_s(map - full) + 0.3``, met if >= 0;
+    * Laplace / SWAG AURG > 0: ``margin = mean_s AURG``, SE = sd / sqrt(K), met if > 0;
+    * Laplace / SWAG AURG above MAP's: ``margin = mean_s(AURG - AURG_MAP)``, met if > 0."""
+    by_diff = {(d["pairs"], d["a"], d["b"]): d for d in diffs}
+    by_row = {(r["pairs"], r["key"]): r for r in rows}
+    out = []
+    for n in sorted({r["pairs"] for r in rows}):
+        if (d := by_diff.get((n, "map", "uniform"))) is not None:
+            out.append(_target("ContributionLoRA (MAP) > uniform LoRA in PSNR", n, d["mean"], d["se"],
+                               d["seeds"], d["mean"] > 0))
+        if (d := by_diff.get((n, "map", "full"))) is not None:
+            margin = d["mean"] + FULL_GAP_DB
+            out.append(_target(f"ContributionLoRA (MAP) within {FULL_GAP_DB} dB of full fine-tuning in PSNR "
+                               f"(target set at 64 pairs)", n, margin, d["se"], d["seeds"], margin >= 0))
+        for key, name in (("laplace", "Laplace"), ("swag", "SWAG")):
+            if (r := by_row.get((n, key))) is not None:
+                se = None if r["aurg_sd"] is None else r["aurg_sd"] / math.sqrt(len(r["seeds"]))
+                out.append(_target(f"{name} AURG > 0", n, r["aurg"], se, r["seeds"], r["aurg"] > 0))
+            if (d := by_diff.get((n, key, "map"))) is not None:
+                out.append(_target(f"{name} AURG above MAP's", n, d["mean"], d["se"], d["seeds"], d["mean"] > 0))
+    return out
+
+
+def combine(dirs: list[Path]) -> dict:
+    """Join per-seed study folders (:func:`load_runs`) without training: per n and cell the mean
+    and sample sd over the seeds that ran it of PSNR, SSIM and AURG (``rows``: ``psnr``,
+    ``psnr_sd``, ``per_seed``, ``seeds``, ...), the paired differences of :data:`SEED_PAIRED`
+    (:func:`seed_difference`) and the targets (:func:`seed_targets`)."""
+    config, cells = load_runs(dirs)
+    rows = []
+    for n in sorted({n for _, n, _ in cells}):
+        for key in ORDER:
+            seeds = sorted(s for s, m, k in cells if (m, k) == (n, key))
+            if not seeds:
+                continue
+            runs = [cells[s, n, key] for s in seeds]
+            row = {"pairs": n, "key": key, "method": runs[0]["method"], "seeds": seeds,
+                   "params": [r["params"] for r in runs], "per_seed": {}}
+            for metric in (m for m in SEED_METRICS if all(m in r for r in runs)):
+                row["per_seed"][metric] = [r[metric] for r in runs]
+                row[metric], row[metric + "_sd"] = _mean_sd(row["per_seed"][metric])
+            rows.append(row)
+    diffs = [d for n in sorted({n for _, n, _ in cells}) for a, b, metric in SEED_PAIRED
+             if (d := seed_difference(cells, n, a, b, metric)) is not None]
+    return {"combined": [str(d) for d in dirs], "config": config, "seeds": sorted({s for s, _, _ in cells}),
+            "rows": rows, "differences": diffs, "targets": seed_targets(rows, diffs)}
+
+
+def combined_lines(result: dict) -> list[str]:
+    """The markdown of a :func:`combine` result: means ± sd over seeds, paired differences per n
+    (over seeds and pooled per image) and the targets."""
+    fmt = {"psnr": "{:.2f} ± {:.2f}", "ssim": "{:.4f} ± {:.4f}", "aurg": "{:.5f} ± {:.5f}"}
+    one = {"psnr": "{:.2f}", "ssim": "{:.4f}", "aurg": "{:.5f}"}
+    seeds = lambda s: ", ".join(map(str, s))  # noqa: E731
+    lines = [f"Combined from {len(result['combined'])} folders (seeds {seeds(result['seeds'])}). Per cell: "
+             f"mean ± sample standard deviation (divisor K - 1) over the K seeds that ran it.", "",
+             "| pairs | method | seeds | params | PSNR (dB) | SSIM | AURG |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = ["-" if m not in r else (fmt[m].format(r[m], r[m + "_sd"]) if r[m + "_sd"] is not None
+                                         else one[m].format(r[m])) for m in SEED_METRICS]
+        lines.append(f"| {r['pairs']} | {r['method']} | {seeds(r['seeds'])} | "
+                     f"{seeds(sorted(set(r['params'])))} | " + " | ".join(cells) + " |")
+    for n in sorted({d["pairs"] for d in result["differences"]}):
+        lines += ["", f"Paired differences at {n} pairs (a seed fixes the test split and the pre-trained "
+                  f"network). Over seeds: mean ± SE, SE = sample sd of the K per-seed differences / sqrt(K). "
+                  f"Pooled: the per-image differences of all seeds' test images together, mean ± sd / "
+                  f"sqrt(images), the images taken as independent (no training randomness):", "",
+                  "| comparison | metric | seeds | over seeds | per seed | pooled per image (images) |",
+                  "|---|---|---|---|---|---|"]
+        for d in (d for d in result["differences"] if d["pairs"] == n):
+            p = d["pooled"]
+            pooled = "-" if p is None else f"{_difference(d['metric'], p['mean'], p['se'])} ({p['images']})"
+            lines.append(f"| {d['comparison']} | {d['metric'].upper()} | {seeds(d['seeds'])} | "
+                         f"{_difference(d['metric'], d['mean'], d['se'])} | "
+                         f"{', '.join(_difference(d['metric'], v) for v in d['per_seed'])} | {pooled} |")
+    if result["targets"]:
+        lines += ["", "Targets, on the means over seeds (margin: how far the mean lies past the threshold; "
+                  "SE over seeds):", ""]
+        for t in result["targets"]:
+            unit = " dB" if "PSNR" in t["target"] else ""
+            size = "one seed, no SE" if t["z"] is None else f"{t['z']:+.1f} SE"
+            lines.append(f"- {t['target']} at {t['pairs']} pairs: **{'met' if t['met'] else 'not met'}**, "
+                         f"margin {t['margin']:+.3g}{unit} ({size}; seeds {seeds(t['seeds'])})")
+    return lines
+
+
+def write_combined(result: dict, out: Path) -> list[Path]:
+    """``OUT/results.json`` and ``OUT/results.md`` of a :func:`combine` result, atomically."""
+    paths = [out / "results.json", out / "results.md"]
+    _atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    _atomic_write(paths[1], lambda tmp: Path(tmp).write_text("\n".join(combined_lines(result)) + "\n"))
+    return paths
 
 
 def write_figures(result: dict, out: Path) -> list[Path]:
@@ -631,7 +819,21 @@ def main(argv: list[str] | None = None) -> dict:
                         "validation NLL, or the untempered marginal-likelihood Laplace and plain SWAG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="train nothing: join these per-seed study folders (same settings but --seed and "
+                        "--pairs) into --out's results.json and results.md, over seeds")
     args = p.parse_args(argv)
+    if args.combine:
+        out = Path(args.out)
+        old = out / "results.json"
+        if any(Path(d).resolve() == out.resolve() for d in args.combine) or (
+                old.is_file() and "combined" not in json.loads(old.read_text())):
+            sys.exit(f"error: --combine would overwrite the study results {old}; pass another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        result = combine([Path(d) for d in args.combine])
+        for path in write_combined(result, out):
+            print(f"wrote {path}")
+        return result
     if args.data is None and not args.quick:
         args.data = "../shared/data/restoration"
     if args.data is not None and not Path(args.data, "polyu").is_dir():
