@@ -2,8 +2,9 @@ r"""The subspace: a frozen base model plus adapters, seen as a function ``f(x; t
 
 ``theta`` in R^d is the concatenation of every adapter parameter, flattened in the order of
 ``model.named_parameters()``. ``theta = theta_0`` (the adapters' initial values, every delta zero)
-reproduces the pretrained model exactly. Evaluating ``f(x; T)`` for ``T`` of shape ``(S, d)`` runs
-``torch.func.functional_call`` under ``torch.func.vmap``: one batched call, not a loop over S.
+reproduces the pretrained model exactly. ``f(x; theta)`` runs the model with theta's pieces in
+the adapter parameters' places (a functional call); for ``T`` of shape ``(S, d)`` it runs under
+``torch.func.vmap``: one batched call, not a loop over S.
 :func:`merged_model` folds the adapters into a plain copy of the base architecture.
 """
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from itertools import chain
 from contextvars import ContextVar
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from .adapters.base import AdapterLayer, AdapterSpec
 from .chunking import resolve_chunk, shape_key
@@ -87,8 +87,8 @@ class Subspace(nn.Module):
         self.param_shapes = [params[n].shape for n in self.param_names]
         self.param_numels = [params[n].numel() for n in self.param_names]
         # Resolved once, as ``param_names`` is (the module tree is fixed after ``from_model``),
-        # rather than by ``functional_call`` and ``adapter_layers`` on every call.
-        self._aliases = _tied_slots(model, self.param_names)
+        # rather than by a search of the model on every call.
+        self._slots = _slots(model, self.param_names)
         self._adapters = tuple(m for m in model.modules() if isinstance(m, AdapterLayer))
         #: ``chunk_size="auto"``'s measured choices, by (what, S, input shapes)
         self._chunk_choice: dict = {}
@@ -225,12 +225,21 @@ class Subspace(nn.Module):
                              n_samples, self.device)
 
     def _functional(self, theta: torch.Tensor, x: Any) -> torch.Tensor:
-        args, kwargs = ((), x) if isinstance(x, Mapping) else (
-            (tuple(x), {}) if isinstance(x, (tuple, list)) else ((x,), {}))
-        params = self.unflatten(theta)
-        for name, alias in self._aliases:
-            params[alias] = params[name]
-        out = functional_call(self.model, params, args, kwargs, tie_weights=False, strict=False)
+        """``f(x; theta)`` for one ``theta`` (``(d,)``; one sample under ``vmap``): every slot of
+        every adapter parameter (:func:`_slots`) holds its piece of ``theta`` for the duration of
+        the call, and the module's own parameters are put back after it, also when it raises.
+        This is what ``torch.func.functional_call(model, pieces, tie_weights=False)`` does with
+        the aliases given, without resolving the names on every call."""
+        swapped = []
+        try:
+            for piece, slots in zip(self.unflatten(theta).values(), self._slots):
+                for table, key in slots:
+                    swapped.append((table, key, table[key]))
+                    table[key] = piece
+            out = call_model(self.model, x)
+        finally:
+            for table, key, own in reversed(swapped):
+                table[key] = own
         return self.output(out)
 
     # ------------------------------------------------------------- adapters
@@ -329,25 +338,26 @@ def _outermost(model: nn.Module) -> list[str]:
     return names
 
 
-def _tied_slots(model: nn.Module, names: Sequence[str]) -> list[tuple[str, str]]:
-    """``(name, alias)`` for every other module slot (a module and attribute name) that holds the
-    same tensor as parameter ``name`` (a parameter shared by two modules). ``Subspace._functional``
-    gives each alias theta's piece too, as ``functional_call(tie_weights=True)`` would, without
-    searching the model on every call. A module reachable by two paths is one slot: swapping it
-    once reaches both (and swapping it twice would leave theta's piece in it afterwards)."""
-    slots: dict[int, dict[tuple[int, str], str]] = {}  # id(tensor) -> {(id(module), attr): name}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr, t in chain(module._parameters.items(), module._buffers.items()):
-            if t is not None:
-                name = f"{prefix}.{attr}" if prefix else attr
-                slots.setdefault(id(t), {}).setdefault((id(module), attr), name)
-    aliases = []
+def _slots(model: nn.Module, names: Sequence[str]) -> list[list[tuple[dict[str, Any], str]]]:
+    """For every parameter ``name``, the module slots that hold its tensor, as ``(table, key)``
+    with ``table`` a module's ``_parameters`` or ``_buffers``: the owner's slot first, then every
+    other slot that holds the same tensor (a parameter shared by two modules), which
+    ``Subspace._functional`` fills too, as ``functional_call(tie_weights=True)`` would. A module
+    reachable by two paths is one slot: filling it once reaches both (and filling it twice would
+    leave theta's piece in it afterwards)."""
+    holders: dict[int, dict[tuple[int, str], tuple[dict[str, Any], str]]] = {}  # id(tensor) -> slots
+    for module in model.modules():  # each module once, however many paths reach it
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    holders.setdefault(id(t), {}).setdefault((id(module), key), (table, key))
+    slots = []
     for name in names:
-        prefix, _, attr = name.rpartition(".")
+        prefix, _, key = name.rpartition(".")
         owner = model.get_submodule(prefix)
-        aliases += [(name, alias) for slot, alias in slots[id(getattr(owner, attr))].items()
-                    if slot != (id(owner), attr)]
-    return aliases
+        own, held = (id(owner), key), holders[id(owner._parameters[key])]
+        slots.append([held[own]] + [slot for where, slot in held.items() if where != own])
+    return slots
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -139,3 +139,96 @@ def test_theta_reaches_a_parameter_shared_by_two_adapters():
     sub = bc.Subspace(model, [bc.BitFit()])
     assert sub.param_names == ["0.bias_delta"]
     _check_theta_reaches_every_use(sub, torch.randn(5, 3))
+
+
+# ------------------------------------------- data that the loader yields on the device
+def _on_device(monkeypatch) -> None:
+    """Treat every tensor as one the loader yields on an accelerator: its finiteness check is
+    left on the device and read back with the losses (what a CUDA run does, here on the CPU)."""
+    monkeypatch.setattr(objective, "_on_host", lambda t: False)
+
+
+def _with_nan(seed: int, where: str, values: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _batch(seed)
+    t = x if where == "input" else y
+    t.view(-1)[:len(values)] = torch.tensor(values)
+    return x, y
+
+
+@pytest.mark.parametrize("every", [1, 2, 32])
+def test_device_data_check_names_batch_and_count_as_the_host_check(monkeypatch, every):
+    monkeypatch.setattr(objective, "CHECK_EVERY", every)
+    loaders = {r"batch 2: input has 3 non-finite value\(s\) \(NaN or inf\)":
+               [_batch(0), _batch(1), _with_nan(2, "input", (math.nan, math.inf, -math.inf)), _batch(3)],
+               r"batch 1: target has 1 non-finite value\(s\) \(NaN or inf\)":
+               [_batch(0), _with_nan(1, "target", (math.nan,)), _batch(2)]}
+    for message, loader in loaders.items():
+        with pytest.raises(ValueError, match="^" + message):  # on the host: before batch 2 runs
+            bc.fit_map(_sub(), loader, bc.Gaussian(sigma=1.0), epochs=1, progress=False)
+    _on_device(monkeypatch)
+    for message, loader in loaders.items():
+        with pytest.raises(ValueError, match="^" + message):  # on the device: at the read-back
+            bc.fit_map(_sub(), loader, bc.Gaussian(sigma=1.0), epochs=1, progress=False)
+    # an input that is a dict of tensors is named by its key, as on the host
+    sub = bc.Subspace.from_model(_Keyword(), bc.BitFit())
+    x, y = _with_nan(0, "input", (math.nan,))
+    with pytest.raises(ValueError, match=r"^batch 0: input\['input'\] has 1 non-finite"):
+        bc.fit_map(sub, [{"input": x, "labels": y}], bc.Gaussian(sigma=1.0), epochs=1, progress=False)
+
+
+class _Keyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, input):  # noqa: A002
+        return self.lin(input)
+
+
+def test_device_data_check_keeps_batch_order_with_the_losses(monkeypatch):
+    _on_device(monkeypatch)
+    lik = bc.Gaussian(sigma=1.0)
+    # an earlier non-finite loss is the error, not later bad data
+    with pytest.raises(ValueError, match=r"epoch 0, batch 1: the loss is not finite"):
+        bc.fit_map(_sub(), [_batch(0), _batch(1, huge=True), _with_nan(2, "input", (math.nan,))],
+                   lik, epochs=1, progress=False)
+    # a batch's bad data is the error, not the non-finite loss it causes (batch 1's loss is NaN)
+    with pytest.raises(ValueError, match=r"^batch 1: input has 1 non-finite"):
+        bc.fit_map(_sub(), [_batch(0), _with_nan(1, "input", (math.nan,)), _batch(2, huge=True)],
+                   lik, epochs=1, progress=False)
+    # the first batch is checked before its step, its data too
+    sub = _sub()
+    theta = torch.nn.Parameter(sub.theta.clone())
+    start, steps = theta.detach().clone(), []
+    with pytest.raises(ValueError, match=r"^batch 0: input has 1 non-finite"):
+        optimise(sub, theta, [_with_nan(0, "input", (math.inf,)), _batch(1)], lik, None, 8, 1,
+                 torch.optim.SGD([theta], lr=0.1), "test", progress=False,
+                 on_step=lambda e, s: steps.append(s))
+    assert steps == [] and torch.equal(theta.detach(), start)
+
+
+def test_device_data_check_leaves_the_fit_unchanged(monkeypatch):
+    monkeypatch.setattr(objective, "CHECK_EVERY", 2)
+    loader, lik, prior = [_batch(i) for i in range(5)], bc.Gaussian(sigma=0.7), bc.NormalPrior(0.5)
+    host = bc.fit_map(_sub(), loader, lik, prior=prior, epochs=2, lr=1e-2, progress=False)
+    _on_device(monkeypatch)
+    device = bc.fit_map(_sub(), loader, lik, prior=prior, epochs=2, lr=1e-2, progress=False)
+    assert torch.equal(host.mean, device.mean) and host.history == device.history
+
+
+def test_functional_call_is_torch_func_functional_call_and_restores_on_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3), nn.Flatten(),
+                          nn.Linear(12, 2))
+    sub = bc.Subspace.from_model(model, [bc.ConvCoLoRA(), bc.BitFit(targets="4")])
+    x, t = torch.randn(5, 2, 4, 4), torch.randn(sub.dim, requires_grad=True)
+    want = torch.func.functional_call(sub.model, sub.unflatten(t), (x,))
+    got = sub(x, theta=t)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (g_want,) = torch.autograd.grad(want.square().sum(), t)
+    (g_got,) = torch.autograd.grad(got.square().sum(), t)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+    params = sub._params()
+    with pytest.raises(RuntimeError):
+        sub(torch.randn(5, 7, 4, 4), theta=t)  # wrong channel count: the model raises mid-call
+    assert all(type(p) is nn.Parameter and p is q for p, q in zip(sub._params(), params))

@@ -18,19 +18,45 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data import check_finite, split_batch, to_device
+from ..data import check_finite, split_batch, tensors_of, to_device
 from ..likelihoods import Likelihood
 from ..priors import NormalPrior
 from ..subspace import Subspace
 
 
-def batches(loader: Iterable, device: torch.device) -> Iterator[tuple[int, Any, torch.Tensor]]:
-    """``(index, x, y)`` for each batch, on ``device``, checked for non-finite values."""
+def batches(loader: Iterable, device: torch.device,
+            deferred: _EpochLosses | None = None) -> Iterator[tuple[int, Any, torch.Tensor]]:
+    """``(index, x, y)`` for each batch, on ``device``, checked for non-finite values.
+
+    With ``deferred``, the floating tensors that the loader yields already off the CPU (on an
+    accelerator) are not checked here, where reading the result back would make the host wait
+    for the device at every batch: their counts of non-finite values stay on the device with
+    ``deferred`` (:meth:`_EpochLosses.add_data`), which raises the same ``ValueError`` at its
+    next read-back. CPU tensors are checked here, before they are moved, either way.
+    """
     for i, batch in enumerate(loader):
         x, y = split_batch(batch, i)
-        check_finite(x, "input", i)
-        check_finite(y, "target", i)
-        yield i, to_device(x, device), to_device(y, device)
+        if deferred is None:
+            check_finite(x, "input", i)
+            check_finite(y, "target", i)
+            yield i, to_device(x, device), to_device(y, device)
+            continue
+        named = {"input": list(tensors_of(x)), "target": list(tensors_of(y))}
+        for what, tensors in named.items():
+            for name, t in tensors:
+                if _on_host(t):
+                    check_finite(t, what + name, i)
+        x, y = to_device(x, device), to_device(y, device)
+        for (what, tensors), moved in zip(named.items(), (x, y)):
+            for (name, t), (_, t_moved) in zip(tensors, tensors_of(moved)):
+                if not _on_host(t) and t.is_floating_point():
+                    deferred.add_data(i, what + name, t_moved)
+        yield i, x, y
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether :func:`batches` checks ``t`` at once (a CPU tensor: no wait for a device)."""
+    return t.device.type == "cpu"
 
 
 def negative_log_joint(sub: Subspace, theta: torch.Tensor, lik: Likelihood, prior: NormalPrior | None,
@@ -83,33 +109,54 @@ CHECK_EVERY = 32
 
 
 class _EpochLosses:
-    """The losses and NLLs of one epoch's batches. They stay on the device until :meth:`flush`
-    reads back the pending ones in one transfer, checks them and adds them to the sums."""
+    """The losses and NLLs of one epoch's batches, and the non-finite counts of the batches' data
+    that came on the device (:func:`batches`). They stay on the device until :meth:`flush` reads
+    back the pending ones in one transfer, checks them and adds the losses to the sums."""
 
     def __init__(self, epoch: int):
         self.epoch = epoch
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.data: list[tuple[int, str, torch.Tensor]] = []
         self.loss = self.nll = 0.0
         self.n = 0
 
     def add(self, i: int, loss: torch.Tensor, nll: torch.Tensor) -> None:
         self.pending.append((i, loss.detach(), nll.detach()))
 
+    def add_data(self, i: int, what: str, t: torch.Tensor) -> None:
+        """Count the NaN and infinite entries of batch ``i``'s floating tensor ``t`` (named
+        ``what``, e.g. ``input``) on its device: ``t * 0`` is NaN exactly there (0 elsewhere)."""
+        self.data.append((i, what, torch.isnan(t * 0).sum(dtype=torch.float64)))
+
     def flush(self) -> None:
-        """Raise ``ValueError`` naming the first pending batch whose loss is not finite; else add
-        the pending values, in batch order, to the sums."""
-        if not self.pending:
+        """Raise ``ValueError`` naming the first pending batch whose data (worded as
+        :func:`bayes_colora.data.check_finite` words it) or loss is not finite, a batch's data
+        before its loss; else add the pending losses, in batch order, to the sums."""
+        if not self.pending and not self.data:
             return
         pending, self.pending = self.pending, []
-        indices, losses, nlls = zip(*pending)
-        loss_values, nll_values = torch.stack([torch.stack(losses), torch.stack(nlls)]).tolist()
-        for i, loss, nll in zip(indices, loss_values, nll_values):
+        data, self.data = self.data, []
+        values = torch.stack([t for _, loss, nll in pending for t in (loss, nll)]
+                             + [count for _, _, count in data]).tolist()
+        losses, counts = values[:2 * len(pending)], values[2 * len(pending):]
+        bad_data: dict[int, tuple[str, int]] = {}  # batch -> its first tensor with non-finite values
+        for (i, what, _), count in zip(data, counts):
+            if count and i not in bad_data:
+                bad_data[i] = (what, int(count))
+        first_bad = min(bad_data, default=None)
+        for (i, _, _), loss, nll in zip(pending, losses[0::2], losses[1::2]):
+            if first_bad is not None and first_bad <= i:
+                break
             if not math.isfinite(loss):
                 raise ValueError(f"epoch {self.epoch}, batch {i}: the loss is not finite ({loss}); "
                                  f"lower the learning rate or check the data and the likelihood's scale")
             self.loss += loss
             self.nll += nll
             self.n += 1
+        if first_bad is not None:
+            what, count = bad_data[first_bad]
+            raise ValueError(f"batch {first_bad}: {what} has {count} non-finite value(s) (NaN or inf); "
+                             f"clean or mask the data before fitting")
 
 
 def _prior_on(prior: NormalPrior, like: torch.Tensor) -> NormalPrior:
@@ -139,9 +186,12 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
     checked before its step; a later non-finite loss is reported (epoch and first such batch)
     at the next read-back, before the epoch's ``on_epoch``. By then up to ``CHECK_EVERY - 1``
     steps (with their ``on_step`` calls), the bad batch's own first, may have been taken, so
-    ``theta`` and the likelihood's parameters may hold NaN. When something else fails later in the epoch
-    (bad data, a hook), the pending losses are checked first, so an earlier non-finite loss is
-    still the error reported.
+    ``theta`` and the likelihood's parameters may hold NaN. Data that the loader yields on the
+    CPU is checked before its batch runs; data it yields already on the accelerator is checked
+    on the device and reported likewise at the next read-back (:func:`batches`), a batch's bad
+    data before its loss. When something else fails later in the epoch (bad data, a hook), the
+    pending losses and data checks are read first, so an earlier non-finite one is still the
+    error reported.
 
     With ``compile``, every batch after the run's first (which also checks the target's shape)
     computes the loss with ``torch.compile`` of :func:`negative_log_joint` (forward and backward
@@ -161,7 +211,7 @@ def optimise(sub: Subspace, theta: torch.nn.Parameter, loader: Iterable, lik: Li
     for epoch in range(start_epoch, epochs):
         losses = _EpochLosses(epoch)
         try:
-            for i, x, y in batches(loader, sub.device):
+            for i, x, y in batches(loader, sub.device, deferred=losses):
                 first = step == 0
                 if first:
                     loss, nll = negative_log_joint(sub, theta, lik, prior, x, y, n_data, bf16, check=True)
