@@ -597,7 +597,8 @@ def load_runs(dirs: list[Path]) -> tuple[dict, dict[tuple[int, int, str], dict]]
 def seed_difference(cells: dict[tuple[int, int, str], dict], n: int, a: str, b: str, metric: str
                     ) -> dict | None:
     r"""Paired difference ``d_s = metric(a) - metric(b)`` at n pairs over the K seeds that ran both
-    cells (a seed fixes the test split and the pre-trained network): ``mean = (1/K) sum_s d_s``,
+    cells (a seed fixes the test split, the fine-tuning draws and, unless ``--pretrained`` shares one,
+    the pre-trained network): ``mean = (1/K) sum_s d_s``,
     ``se = sd(d) / sqrt(K)`` (sample sd; ``None`` for K = 1) and ``per_seed``. ``pooled``: the
     per-image differences of all K seeds' m test images together (:func:`_mean_and_se` over
     K m images, taken as independent, so it holds no training randomness; on PolyU the seeds'
@@ -694,8 +695,8 @@ def combined_lines(result: dict) -> list[str]:
         lines.append(f"| {r['pairs']} | {r['method']} | {seeds(r['seeds'])} | "
                      f"{seeds(sorted(set(r['params'])))} | " + " | ".join(cells) + " |")
     for n in sorted({d["pairs"] for d in result["differences"]}):
-        lines += ["", f"Paired differences at {n} pairs (a seed fixes the test split and the pre-trained "
-                  f"network). Over seeds: mean ± SE, SE = sample sd of the K per-seed differences / sqrt(K). "
+        lines += ["", f"Paired differences at {n} pairs (a seed fixes the test split, the fine-tuning draws "
+                  f"and, unless --pretrained shares one, the pre-trained network). Over seeds: mean ± SE, SE = sample sd of the K per-seed differences / sqrt(K). "
                   f"Pooled: the per-image differences of all seeds' test images together, mean ± sd / "
                   f"sqrt(images), the images taken as independent (no training randomness):", "",
                   "| comparison | metric | seeds | over seeds | per seed | pooled per image (images) |",
