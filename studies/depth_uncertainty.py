@@ -20,7 +20,10 @@ depths and colours) on CPU. Writes ``results.json`` (config, one row per cell, p
 (``row["per_image"]``), and ``results.md`` tabulates each engine minus the same adapter's MAP as
 the mean of per-frame paired differences with a per-frame and a block standard error
 (``bc.depth.experiment.paired_table``). Rerunning with the same ``--out`` skips cells already
-in ``results.json`` (a stopped run continues where it stopped).
+in ``results.json`` (a stopped run continues where it stopped). The source model is kept in
+``--out`` (``pretrained-<model>.pt``), or with ``--source-model DIR`` in ``DIR`` so that separate
+processes adapt one source model; a results folder holds rows of one source model (resuming it with
+another is refused).
 """
 from __future__ import annotations
 
@@ -86,9 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         r"'^decoder\.head\.' adapts the depth head only, so the S-sample predictive "
                         "runs the rest of the decoder once); keep one --out per choice")
     p.add_argument("--deterministic", action="store_true",
-                   help="pre-train the source models with deterministic GPU kernels (no cuDNN autotuning), "
-                        "so that separate calls can reproduce the same source model; compare the "
-                        "'source' fingerprints of their rows to check")
+                   help="pre-train the source models with deterministic kernels where torch has them (no "
+                        "cuDNN autotuning). On the CPU this reproduced the source model; on the GPU it did "
+                        "not (six processes, six different 'source' fingerprints in session 6): to compare "
+                        "rows of separate processes, share one source model with --source-model instead")
+    p.add_argument("--source-model", default=None, metavar="DIR",
+                   help="folder of the source models, one file per model, DIR/pretrained-<model>.pt: "
+                        "loaded from there when the file exists, else pre-trained and written there, so "
+                        "that processes sharing DIR adapt the same source model (default: --out)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -180,35 +188,77 @@ def deterministic_kernels(enabled: bool):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
+def source_path(name: str, args: argparse.Namespace) -> str:
+    """The file of model ``name``'s source model: ``<--source-model>/pretrained-<name>.pt``, or in
+    ``--out`` without that flag."""
+    return os.path.join(args.source_model or args.out, f"pretrained-{name}.pt")
+
+
+def load_source(model: torch.nn.Module, path: str, described: str) -> None:
+    """Load the state dict saved in ``path`` into ``model`` (the ``described`` architecture); a
+    ``ValueError`` naming the file, the model and the fix when its keys or tensor shapes differ."""
+    state = torch.load(path, map_location="cpu")
+    want = model.state_dict()
+    if not isinstance(state, dict):
+        problem = f"it holds a {type(state).__name__}, not a state dict"
+    else:
+        problems = (("missing keys", [k for k in want if k not in state]),
+                    ("unexpected keys", [k for k in state if k not in want]),
+                    ("tensors of another shape", [k for k in want if k in state and
+                                                  getattr(state[k], "shape", None) != want[k].shape]))
+        problem = "; ".join(f"{len(keys)} {what} (e.g. {keys[0]!r})" for what, keys in problems if keys)
+    if problem:
+        raise ValueError(f"source model file {path} does not fit this run's {described}: {problem}. It was "
+                         f"saved for another model or architecture: pass a --source-model folder whose "
+                         f"file was saved with these settings, or remove the file to pre-train it again")
+    model.load_state_dict(state)
+
+
 def pretrained_model(name: str, args: argparse.Namespace, cfg: dict[str, Any], lik: DepthLikelihood,
                      log: dict[str, Any]) -> torch.nn.Module:
-    """The source-trained model; cached in ``--out`` so a rerun does not train it again. Its
-    :func:`fingerprint` goes to ``log[f"source_{name}"]`` (and into every row made with it)."""
+    """The source-trained model, kept in :func:`source_path` (``--source-model``, else ``--out``):
+    loaded from there when the file exists, else pre-trained and written there, so a rerun (or
+    another process sharing ``--source-model``) does not train it again. If the file appears while
+    this process pre-trains (another process sharing it finished first), that one is used instead.
+    The file goes to ``log[f"source_file_{name}"]``, its :func:`fingerprint` to
+    ``log[f"source_{name}"]`` (and into every row made with it); ``log[f"pretrain_{name}"]`` is
+    written only when this process pre-trains."""
     torch.manual_seed(args.seed)
     if name == "mobilenet":
         weights = None if args.quick else mobilenet_weights(args)
         model, train = mobilenet_depth(weights=weights, aleatoric=True), "decoder" if weights else "all"
         log["mobilenet_encoder"] = weights or "random init"
+        described = "MobileNetV2 depth model (aleatoric)"
     else:
         model, train = depth_anything(cfg["da_size"], aleatoric=True), "all"
         log["depth_anything_size"] = cfg["da_size"]
-    path = os.path.join(args.out, f"pretrained-{name}.pt")
+        described = f"Depth Anything {cfg['da_size']!r} model (aleatoric)"
+    path = source_path(name, args)
+    log[f"source_file_{name}"] = path
     if os.path.isfile(path):
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        load_source(model, path, described)
         log[f"source_{name}"] = fingerprint(model)
+        print(f"[{name}] source model {log[f'source_{name}']} loaded from {path}", flush=True)
         return model.to(args.device).eval()
     h, w = cfg["size"]
     source = E.Normalised(procedural_scenes(cfg["source"], h, w, seed=args.seed + 100))
+    print(f"[{name}] pre-training the source model ({path} not found)", flush=True)
     start = time.perf_counter()
     with deterministic_kernels(args.deterministic):
         losses = E.pretrain_depth(model, source, lik, cfg["pretrain_epochs"], lr=1e-3, train=train,
                                   batch_size=cfg["settings"].batch_size, device=args.device, seed=args.seed,
                                   progress=not args.no_progress)
+    kept = not os.path.isfile(path)
     log[f"pretrain_{name}"] = {"seconds": time.perf_counter() - start, "loss": losses, "trained": train,
-                               "deterministic": args.deterministic}
+                               "deterministic": args.deterministic, "kept": kept}
+    if kept:
+        _atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    else:  # written by another process meanwhile: share its model
+        load_source(model, path, described)
     log[f"source_{name}"] = fingerprint(model)
-    _atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
-    return model.eval()
+    print(f"[{name}] source model {log[f'source_{name}']} " + ("written to" if kept else "loaded from") +
+          f" {path}", flush=True)
+    return model.to(args.device).eval()
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -228,7 +278,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{results_path} holds rows with adapters on {before!r}, this run asks for "
                              f"{cfg['targets']!r}: use another --out for each --targets")
     results["config"] = {**{k: v for k, v in cfg.items() if k != "settings"},
-                         "settings": settings.as_dict(), "quick": args.quick, "device": args.device}
+                         "settings": settings.as_dict(), "quick": args.quick, "device": args.device,
+                         "source_model": args.source_model}
     done = {(r["model"], r["adapter"], r["engine"]) for r in results["rows"]}
     train_raw, val_raw, test_raw, described = target_data(args, cfg)
     results["config"]["data"] = described
@@ -244,6 +295,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # the S-sample predictive batches S x B images
     for model_name in cfg["models"]:
         base = pretrained_model(model_name, args, cfg, lik, results["log"])
+        source = results["log"][f"source_{model_name}"]
+        earlier = {r["source"] for r in results["rows"] if r["model"] == model_name and "source" in r}
+        if earlier - {source}:  # its cached MAPs too were fitted on another source model
+            raise ValueError(f"{results_path} holds {model_name} rows adapted from source model(s) "
+                             f"{sorted(earlier)}, this run's is {source} "
+                             f"({results['log'][f'source_file_{model_name}']}): use another --out for each "
+                             f"source model, or a --source-model folder holding the rows' model")
         for adapter in cfg["adapters"]:
             todo = [e for e in cfg["engines"] if (model_name, adapter, e) not in done]
             if not todo:
@@ -272,7 +330,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 curves = {m: [c.tolist() for c in P.sparsification_curves(pred.mean, pred.total_std, ev.depth, m)]
                           for m in ("rmse", "abs_rel")}
                 row = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
-                       "source": results["log"][f"source_{model_name}"],
+                       "source": source,
                        **ev.metrics, "fit_s": fit_s, "predict_s": ev.seconds, "per_image": ev.per_image,
                        "curves": curves,
                        "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}

@@ -231,3 +231,72 @@ def test_depth_study_targets_choose_the_adapted_modules(tmp_path):
     assert row["d"] == want < whole
     refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "use another --out for each --targets" in refused.stderr
+
+
+def test_depth_study_shares_the_source_model_through_a_file(tmp_path):
+    """--source-model: the first run pre-trains and writes the file, a run with a fresh --out loads
+    it (no pre-training) and records the same fingerprint; a file of another architecture is
+    refused with the fix, and so is resuming a results folder with another source model."""
+    shared = tmp_path / "source"
+    cmd = [sys.executable, os.path.join(ROOT, "studies", "depth_uncertainty.py"), "--quick",
+           "--no-progress", "--models", "mobilenet", "--adapters", "bitfit", "--engines", "map",
+           "--size", "28", "42", "--source", "8", "--pretrain-epochs", "1", "--source-model", str(shared)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    first = subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    assert "pre-training the source model" in first.stdout
+    assert (shared / "pretrained-mobilenet.pt").is_file() and not (tmp_path / "a" / "pretrained-mobilenet.pt").exists()
+    second = subprocess.run(cmd + ["--out", str(tmp_path / "b")], check=True, cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert "pre-training" not in second.stdout and "loaded from" in second.stdout
+    a, b = (json.loads((tmp_path / o / "results.json").read_text()) for o in ("a", "b"))
+    assert "pretrain_mobilenet" in a["log"] and "pretrain_mobilenet" not in b["log"]
+    assert a["rows"][0]["source"] == b["rows"][0]["source"] == b["log"]["source_mobilenet"]
+    assert b["config"]["source_model"] == str(shared)
+    # the same source model and seed: the same MAP fit, so the same test NLL
+    assert b["rows"][0]["nll"] == pytest.approx(a["rows"][0]["nll"], rel=1e-5)
+
+    # a file saved for another architecture (MobileNet's state dict where Depth Anything's belongs)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "pretrained-depth_anything.pt").write_bytes((shared / "pretrained-mobilenet.pt").read_bytes())
+    bad = cmd[:cmd.index("--models") + 1] + ["depth_anything"] + cmd[cmd.index("--models") + 2:-1]
+    refused = subprocess.run(bad + [str(wrong), "--out", str(tmp_path / "c")], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    message = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode != 0 and str(wrong / "pretrained-depth_anything.pt") in message
+    assert "Depth Anything 'tiny'" in message and "missing keys" in message and "--source-model" in message
+
+    # resuming b with another source model (one weight moved) would mix rows of two source models
+    state = torch.load(shared / "pretrained-mobilenet.pt")
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] += 1.0
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save(state, other / "pretrained-mobilenet.pt")
+    mixed = subprocess.run(cmd[:-1] + [str(other), "--out", str(tmp_path / "b"), "--engines", "map", "laplace"],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    assert mixed.returncode != 0 and "use another --out for each source model" in mixed.stderr
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["rows"] == b["rows"]
+
+
+def test_a_source_model_written_meanwhile_is_shared(tmp_path, monkeypatch):
+    """If another process writes the source file while this one pre-trains, this one uses that
+    file's model (so processes started together share the first finished model)."""
+    study = _depth_study()
+    args = study.parse_args(["--quick", "--out", str(tmp_path / "out"), "--source-model", str(tmp_path),
+                             "--device", "cpu", "--no-progress"])
+    cfg = study.config(args)
+    torch.manual_seed(1)
+    theirs = bc.depth.mobilenet_depth(aleatoric=True)
+    path = tmp_path / "pretrained-mobilenet.pt"
+
+    def other_process_finishes_first(model, *a, **k):
+        torch.save(theirs.state_dict(), path)
+        return [0.0]
+
+    monkeypatch.setattr(study.E, "pretrain_depth", other_process_finishes_first)
+    log = {}
+    model = study.pretrained_model("mobilenet", args, cfg, DepthLikelihood(heteroscedastic=True), log)
+    assert study.fingerprint(model) == study.fingerprint(theirs) == log["source_mobilenet"]
+    assert log["pretrain_mobilenet"]["kept"] is False
