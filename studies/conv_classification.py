@@ -35,6 +35,15 @@ Runs on one split (same ``--split-seed``) can run as separate processes, e.g. on
 seed, and ``--combine A/results.json B/results.json ... --out C`` joins them into one table (a
 method trained at a non-default learning rate keeps its own row, ``colora@lr0.003``).
 
+``results.json`` and ``results.md`` are written atomically after every finished cell: each (method,
+seed) training run, each (seed, engine) of the engines, the merge check; one line per cell is
+printed. An engine seed's MAP goes to ``OUT/map_<method>_seed<k>.pt`` (its theta; the whole network
+state for ``colora_reset``, whose merges change the base kernels), the first seed's predictive
+probabilities to ``OUT/probs_<method>_seed<k>.pt`` (the reliability diagrams). A rerun with the same
+``--out`` and settings skips the finished cells (the engines and the merge check start from the
+saved MAP) and ends with the tables of an uninterrupted run; a rerun with other settings is refused.
+``--combine`` refuses a run that has not finished (``"complete": false``).
+
     python studies/conv_classification.py --quick --out /tmp/conv                # CPU, synthetic set
     python studies/conv_classification.py --device cuda --out runs/conv \
         --data data/medmnist/pneumoniamnist_train_val.npz --weights data/weights/mobilenetv2_imagenet_features.pt \
@@ -54,7 +63,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -459,11 +468,15 @@ def tune_vi(sub: bc.Subspace, loader: DataLoader, data: dict, args: argparse.Nam
     return Tuned(candidates[(temp, frac)][0], False, {"temperature": temp, "lr": args.lr * frac}, nll[(temp, frac)])
 
 
-def run_engines(sub: bc.Subspace, data: dict, args: argparse.Namespace
-                ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """MAP, Laplace, SWAG and VI on the ConvCoLoRA subspace, all from its MAP estimate, each at the
-    settings its holdout NLL chose; ``fit_s`` includes every fit and holdout evaluation of the tuning."""
-    loader = train_loader(*data["fit"], args.batch_size, args.seed + 2)
+def run_engines(sub: bc.Subspace, data: dict, args: argparse.Namespace,
+                engines: Sequence[str] = ENGINE_ORDER) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """MAP, Laplace, SWAG and VI (those of ``engines``, in that order) on the subspace, all from its
+    MAP estimate (``sub.theta`` on entry), each at the settings its holdout NLL chose. Yields one
+    ``(row, val probabilities (N_val, C))`` per engine as it finishes; ``fit_s`` includes every fit
+    and holdout evaluation of the tuning. Every engine starts from the same state (``theta`` at the
+    MAP, the global seed ``args.seed``, a fresh loader shuffled by ``args.seed + 2``), so an engine
+    computes the same whichever engines ran before it: a resumed run matches an uninterrupted one.
+    ``sub.theta`` is the MAP again after every yield."""
     theta_map = sub.theta.clone()
     xv, yv = data["val"]
     dev = torch.device(args.device)
@@ -472,22 +485,20 @@ def run_engines(sub: bc.Subspace, data: dict, args: argparse.Namespace
         post = bc.DiracPosterior(theta_map, likelihood=bc.Categorical())
         return Tuned(post, False, {}, holdout_nlls(sub, {0: (post, False)}, data, args)[0])
 
-    rows, probs = [], {}
     tuners = {"map": point_mass, "laplace": tune_laplace, "swag": tune_swag, "vi": tune_vi}
-    for name, tune in ((n, tuners[n]) for n in ENGINE_ORDER):
+    for name in engines:
+        loader = train_loader(*data["fit"], args.batch_size, args.seed + 2)
         sub.theta = theta_map
         torch.manual_seed(args.seed)
         sync(dev)
         start = time.perf_counter()
-        tuned = tune(sub, loader, data, args)
+        tuned = tuners[name](sub, loader, data, args)
         sync(dev)
         seconds = time.perf_counter() - start
         sub.theta = theta_map
-        probs[name] = predictive_probs(sub, tuned.post, xv, args, linearized=tuned.linearized)
-        rows.append({"engine": name, "fit_s": seconds, "chosen": tuned.chosen, "holdout_nll": tuned.holdout_nll,
-                     **classification_metrics(probs[name], yv)})
-    sub.theta = theta_map
-    return rows, probs
+        probs = predictive_probs(sub, tuned.post, xv, args, linearized=tuned.linearized)
+        yield ({"engine": name, "fit_s": seconds, "chosen": tuned.chosen, "holdout_nll": tuned.holdout_nll,
+                **classification_metrics(probs, yv)}, probs)
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -652,12 +663,169 @@ def combine(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
     return rows, sorted(engines, key=lambda e: (e["seed"], ENGINE_ORDER.index(e["engine"]))), merge
 
 
+# ------------------------------------------------------------------------ saving and resuming
+#: settings a rerun with the same --out may change: no cell depends on them
+UNCHECKED = ("out", "progress")
+PARTIAL = ("Partial results: a run that has not finished (the method table lists the methods whose "
+           "seeds have all finished). Rerun it with the same flags and --out to finish it.\n\n")
+
+
+def map_file(out: Path, method: str, seed: int) -> Path:
+    return out / f"map_{method}_seed{seed}.pt"
+
+
+def probs_file(out: Path, method: str, seed: int) -> Path:
+    return out / f"probs_{method}_seed{seed}.pt"
+
+
+def save_map(sub: bc.Subspace, method: str, path: Path) -> None:
+    """The MAP that the engines start from, atomically: ``{"theta": (d,)}``, since ``build`` and
+    ``specs`` rebuild the frozen network and its adapters exactly (seeded) and theta holds every
+    adapter parameter; ``colora_reset``'s merges change the base kernels themselves, so that method
+    stores the whole network state, ``{"state": state_dict}``."""
+    payload = ({"state": {k: v.detach().cpu() for k, v in sub.model.state_dict().items()}}
+               if method == "colora_reset" else {"theta": sub.theta.cpu()})
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_map(method: str, args: argparse.Namespace, num_classes: int, path: Path
+             ) -> tuple[bc.Subspace, torch.nn.Module]:
+    """The subspace at the MAP saved by ``save_map`` (rebuilt as ``run_method`` builds it) and the
+    base network it adapts."""
+    model = build(args, num_classes)
+    base = copy.deepcopy(model)
+    sub = bc.Subspace.from_model(model, specs(method, model, args))
+    saved = torch.load(path, map_location=args.device)
+    if "state" in saved:
+        sub.model.load_state_dict(saved["state"])
+    else:
+        sub.theta = saved["theta"]
+    return sub, base
+
+
+class Results:
+    """``OUT/results.json``, saved atomically (with ``results.md``) after every finished cell.
+
+    Cells: each (method, seed) training run (``seed_rows``: its per-seed row, with ``seed``), each
+    (seed, engine) of the engines on ``--engine-method``'s MAP (``engines``), and the merge check
+    (``merge``). At every save ``methods`` (the table rows of the methods whose seeds have all
+    finished: the row itself for ``--seeds 1``, ``over_seeds`` otherwise) and ``targets`` are
+    recomputed from the cells, so a resumed run ends with what an uninterrupted one writes;
+    ``complete`` turns true with the last cell, and ``total_s`` sums the seconds of every process
+    that worked on the folder. A rerun with the same ``--out`` skips the finished cells; one with
+    other settings (any of ``config`` but ``UNCHECKED``) is refused rather than mixed in."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.path, self.t0 = args, args.out / "results.json", time.perf_counter()
+        config = json.loads(json.dumps({k: os.fspath(v) if isinstance(v, Path) else v
+                                        for k, v in vars(args).items()}))  # as stored
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+            if "complete" not in self.data:
+                raise SystemExit(f"error: {self.path} was written by a version of this study that saved only "
+                                 f"at the end; it cannot be resumed: use another --out")
+            old = self.data["config"]
+            diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+                    if k not in UNCHECKED and old.get(k) != config.get(k)]
+            if diff:
+                raise SystemExit(f"error: {self.path} was made with other settings ({'; '.join(diff)}); "
+                                 f"pass the same flags to resume it, or another --out to start anew")
+        else:
+            self.data = {"config": config, "methods": [], "engines": [], "merge": None, "targets": {},
+                         "total_s": 0.0, "n": None, "complete": False, "seed_rows": []}
+        self.data["config"] = config
+        self.before = self.data["total_s"]
+        #: seeds whose MAP the engines run on (none when --methods lacks --engine-method)
+        self.engine_seeds = args.engine_seeds if args.engine_method in args.methods else 0
+
+    def train_row(self, method: str, seed: int) -> dict[str, Any] | None:
+        return next((r for r in self.data["seed_rows"] if (r["method"], r["seed"]) == (method, seed)), None)
+
+    def engine_row(self, seed: int, engine: str) -> dict[str, Any] | None:
+        return next((r for r in self.data["engines"] if (r["seed"], r["engine"]) == (seed, engine)), None)
+
+    def add(self, section: str, row: dict[str, Any]) -> None:
+        """Add (or replace) a cell's row in ``seed_rows`` or ``engines``; then save."""
+        key = {"seed_rows": lambda r: (self.args.methods.index(r["method"]), r["seed"]),
+               "engines": lambda r: (r["seed"], ENGINE_ORDER.index(r["engine"]))}[section]
+        rows = [r for r in self.data[section] if key(r) != key(row)]
+        self.data[section] = sorted(rows + [row], key=key)
+        self.save()
+
+    def set_merge(self, merge: dict[str, Any]) -> None:
+        self.data["merge"] = merge
+        self.save()
+
+    def update(self) -> None:
+        """Recompute ``methods``, ``targets``, ``complete`` and ``total_s`` from the cells."""
+        a, d = self.args, self.data
+        rows = []
+        for method in a.methods:
+            runs = [r for r in d["seed_rows"] if r["method"] == method]
+            if len(runs) == a.seeds:
+                rows.append({k: v for k, v in runs[0].items() if k != "seed"} if a.seeds == 1 else over_seeds(runs))
+        d["methods"], d["targets"] = rows, check_targets(rows, d["engines"])
+        d["complete"] = (len(rows) == len(a.methods) and len(d["engines"]) == self.engine_seeds * len(ENGINE_ORDER)
+                         and (self.engine_seeds == 0 or d["merge"] is not None))
+        d["total_s"] = self.before + time.perf_counter() - self.t0
+
+    def save(self) -> None:
+        self.update()
+        write_tables(self.args.out, self.data)
+
+
+def run_cells(method: str, s: int, args: argparse.Namespace, data: dict, num_classes: int,
+              results: Results) -> None:
+    """The cells of method ``method`` at its ``s``-th seed (``args.seed``) that ``results`` lacks,
+    each saved as it finishes: the training run (for an engine seed its MAP goes to ``map_file``
+    first; the run is repeated, its row replaced, when engines still need a MAP whose file is
+    gone); the engines not yet run on that MAP; for the first seed the merge check. The engines and
+    the merge check of a resumed run start from the saved MAP. Prints one line per finished cell."""
+    first = s == 0
+    engine_seed = method == results.args.engine_method and s < results.engine_seeds
+    todo = [e for e in ENGINE_ORDER if engine_seed and results.engine_row(args.seed, e) is None]
+    merge = engine_seed and first and results.data["merge"] is None
+    path, sub = map_file(args.out, method, args.seed), None
+    if results.train_row(method, args.seed) is None or ((todo or merge) and not path.exists()):
+        start = time.perf_counter()
+        row, sub, base = run_method(method, data, args, num_classes)
+        if engine_seed:
+            save_map(sub, method, path)
+        results.add("seed_rows", {"seed": args.seed, **row})
+        print(f"cell {method} seed {args.seed}: accuracy {row['accuracy']:.4f}, "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    if not (todo or merge):
+        return
+    if sub is None:
+        sub, base = load_map(method, args, num_classes, path)
+    start = time.perf_counter()
+    for row, probs in run_engines(sub, data, args, todo):
+        if first:  # the reliability diagrams' probabilities, saved before the row that marks the cell done
+            saved = probs_file(args.out, method, args.seed)
+            keep = {**(torch.load(saved) if saved.exists() else {}), row["engine"]: probs.cpu()}
+            _atomic_write(saved, lambda tmp: torch.save(keep, tmp))
+        results.add("engines", {"seed": args.seed, "method": method, **row})
+        print(f"cell {row['engine']} seed {args.seed}: NLL {row['nll']:.4f}, ECE {row['ece']:.4f}, "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        start = time.perf_counter()
+    if merge:
+        results.set_merge({"seed": args.seed, **merge_check(sub, base, data, args)})
+
+
+def write_tables(out: Path, results: dict[str, Any]) -> str:
+    """results.json and results.md (headed by ``PARTIAL`` until ``complete``), atomically; returns
+    the table."""
+    _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    table = markdown(results["methods"], results["engines"], results["merge"], results["targets"])
+    table = table if results["complete"] else PARTIAL + table
+    _atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(table))
+    return table
+
+
 def write_outputs(args: argparse.Namespace, results: dict[str, Any], probs: dict[str, torch.Tensor],
                   y_val: torch.Tensor | None) -> None:
     """results.json, results.md and (with predictive probabilities) the figures, atomically."""
-    _atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
-    table = markdown(results["methods"], results["engines"], results["merge"], results["targets"])
-    _atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))
+    table = write_tables(args.out, results)
     written = [args.out / "results.json", args.out / "results.md"]
     if probs:
         written += figures(results["methods"], probs, y_val, args.out)
@@ -668,39 +836,36 @@ def write_outputs(args: argparse.Namespace, results: dict[str, Any], probs: dict
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     if args.combine:
         parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        for f, part in zip(args.combine, parts):  # files from before per-cell saving were complete
+            if not part.get("complete", True):
+                raise ValueError(f"--combine: {f} is a partial run (stopped before its last cell); finish it "
+                                 f"first by rerunning its command with the same flags and --out")
         rows, engine_rows, merge = combine(parts)
         results = {"config": {"combined": [os.fspath(f) for f in args.combine]}, "methods": rows,
                    "engines": engine_rows, "merge": merge, "targets": check_targets(rows, engine_rows),
-                   "total_s": sum(p["total_s"] for p in parts), "n": parts[0]["n"]}
+                   "total_s": sum(p["total_s"] for p in parts), "n": parts[0]["n"], "complete": True}
         write_outputs(args, results, {}, None)
         return results
     if importlib.util.find_spec("torchmetrics") is None:  # fail before training, not after
         raise ModuleNotFoundError("the AUC needs torchmetrics: pip install torchmetrics")
+    results = Results(args)
     data = load_data(args)
+    results.data["n"] = {k: len(v[1]) for k, v in data.items()}
     num_classes = int(max(data["fit"][1].max(), data["val"][1].max())) + 1
-    rows, engine_rows, merge, probs = [], [], None, {}
     for method in tqdm(args.methods, desc="methods", disable=not args.progress):
-        runs = []
         for s in range(args.seeds):
             seed_args = copy.copy(args)
             seed_args.seed = args.seed + s
-            row, sub, base = run_method(method, data, seed_args, num_classes)
-            runs.append(row if args.seeds == 1 else {"seed": seed_args.seed, **row})
-            if method == args.engine_method and s < args.engine_seeds:
-                seed_rows, seed_probs = run_engines(sub, data, seed_args)
-                engine_rows += [{"seed": seed_args.seed, "method": method, **r} for r in seed_rows]
-                if s == 0:
-                    merge, probs = {"seed": seed_args.seed, **merge_check(sub, base, data, seed_args)}, seed_probs
-        rows.append(runs[0] if args.seeds == 1 else over_seeds(runs))
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results = {"config": config, "methods": rows, "engines": engine_rows, "merge": merge,
-               "targets": check_targets(rows, engine_rows), "total_s": time.perf_counter() - started,
-               "n": {k: len(v[1]) for k, v in data.items()}}
-    write_outputs(args, results, probs, data["val"][1])
-    return results
+            run_cells(method, s, seed_args, data, num_classes, results)
+    results.update()
+    probs = {}
+    if results.engine_seeds:
+        saved = torch.load(probs_file(args.out, args.engine_method, args.seed))
+        probs = {e: saved[e] for e in ENGINE_ORDER}
+    write_outputs(args, results.data, probs, data["val"][1])
+    return results.data
 
 
 if __name__ == "__main__":

@@ -374,3 +374,111 @@ def test_colora_bn_is_colora_plus_the_bitfit_biases():
             torch.testing.assert_close(sub(x), base(x), rtol=0, atol=0)
     assert dims["bitfit"] > dims["linear"] and dims["colora"] > dims["linear"]
     assert dims["colora_bn"] == dims["colora"] + dims["bitfit"] - dims["linear"]
+
+
+_RESUME = ["--quick", "--no-progress", "--epochs", "1", "--n-samples", "4", "--laplace-probes", "2",
+           "--subset", "96", "--vi-epochs", "1", "--swag-epochs", "1", "--methods", "colora",
+           "--seeds", "2", "--engine-seeds", "2"]
+
+
+def _count(study, monkeypatch, calls: dict[str, int], name: str, fail_at: int | None = None) -> None:
+    """Wrap ``study.<name>``: count its calls in ``calls[name]``, raise on call number ``fail_at``."""
+    real = getattr(study, name)
+
+    def wrapped(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] == fail_at:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study, name, wrapped)
+
+
+def test_study_resumes(tmp_path, monkeypatch, capsys):
+    """A run stopped in seed 1's SWAG (after both training cells, seed 0's engines, the merge check
+    and seed 1's MAP and Laplace) leaves a partial results.json that --combine refuses; rerun with the same flags it
+    computes only the missing cells (no training run, no merge check, each remaining tuner once,
+    from the saved MAP), and ends with an uninterrupted run's results (CPU: deterministic)."""
+    study = _study()
+    whole = study.main(_RESUME + ["--out", str(tmp_path / "whole")])
+    out = tmp_path / "resumed"
+    names = ("run_method", "merge_check", "tune_laplace", "tune_swag", "tune_vi")
+    calls: dict[str, int] = {}
+    for name in names:
+        _count(study, monkeypatch, calls, name, fail_at=2 if name == "tune_swag" else None)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        study.main(_RESUME + ["--out", str(out)])
+    partial = json.loads((out / "results.json").read_text())
+    assert not partial["complete"] and partial["merge"]["seed"] == 0
+    assert [(r["method"], r["seed"]) for r in partial["seed_rows"]] == [("colora", 0), ("colora", 1)]
+    assert [(r["seed"], r["engine"]) for r in partial["engines"]] == [
+        (0, e) for e in study.ENGINE_ORDER] + [(1, "map"), (1, "laplace")]
+    assert (out / "results.md").read_text().startswith(study.PARTIAL)
+    assert set(torch.load(out / "map_colora_seed1.pt")) == {"theta"}  # theta only: the network is rebuilt
+    with pytest.raises(ValueError, match="partial run"):
+        study.main(["--combine", str(out / "results.json"), "--out", str(tmp_path / "joined")])
+
+    calls.clear()
+    capsys.readouterr()
+    resumed = study.main(_RESUME + ["--out", str(out)])
+    assert calls == {"tune_swag": 1, "tune_vi": 1}  # seed 1's missing engines only
+    log = capsys.readouterr().out
+    assert "cell vi seed 1: NLL" in log and "cell colora seed" not in log
+    assert resumed["complete"] and (out / "reliability.png").stat().st_size > 0
+    assert not (out / "results.md").read_text().startswith(study.PARTIAL)
+    metrics = ("accuracy", "auc", "nll", "ece")
+    for a, b in zip(whole["methods"][0]["per_seed"], resumed["methods"][0]["per_seed"]):
+        assert [a[k] for k in (*metrics, "holdout_nll", "seed")] == [b[k] for k in (*metrics, "holdout_nll", "seed")]
+    assert len(whole["engines"]) == len(resumed["engines"]) == 8
+    for a, b in zip(whole["engines"], resumed["engines"]):
+        keys = (*metrics, "seed", "engine", "chosen", "holdout_nll")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert whole["merge"]["max_abs_logit_diff"] == resumed["merge"]["max_abs_logit_diff"]
+    assert whole["targets"] == resumed["targets"] and set(whole["targets"]) >= {"vi_lower_ece_and_nll_than_map"}
+
+
+def test_study_refuses_other_settings(tmp_path, monkeypatch):
+    """A rerun in the same --out with another setting is refused, naming it, and the folder is left
+    alone; with the same settings (--no-progress may differ) a finished run trains nothing again.
+    Without --engine-method (colora) in --methods no engine runs, and the run still completes."""
+    study = _study()
+    common = ["--quick", "--out", str(tmp_path), "--epochs", "1", "--subset", "64", "--methods", "linear"]
+    first = study.main(common + ["--no-progress"])
+    assert first["complete"] and first["engines"] == [] and first["merge"] is None
+    saved = (tmp_path / "results.json").read_text()
+    with pytest.raises(SystemExit, match=r"other settings \(epochs: 1 -> 2\); pass the same flags to resume "
+                                         r"it, or another --out"):
+        study.main(common + ["--no-progress", "--epochs", "2"])
+    assert (tmp_path / "results.json").read_text() == saved
+    calls: dict[str, int] = {}
+    _count(study, monkeypatch, calls, "run_method")
+    again = study.main(common)
+    assert calls == {} and again["methods"] == first["methods"]
+
+
+def test_saved_map_rebuilds_the_subspace(tmp_path):
+    """``load_map`` rebuilds a trained subspace's function exactly under any global RNG state:
+    from theta alone for colora and lora (the frozen network and the adapters are rebuilt), from
+    the whole state for colora_reset, whose merges moved part of the update into the base kernels,
+    where theta alone does not reach."""
+    study = _study()
+    args = study.parse_args(["--quick", "--out", str(tmp_path)])
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for method in ("colora", "lora", "colora_reset"):
+        model = study.build(args, 2)
+        sub = bc.Subspace.from_model(model, study.specs(method, model, args))
+        step = torch.Generator().manual_seed(1)
+        sub.theta = sub.theta + 0.1 * torch.randn(sub.dim, generator=step)
+        if method == "colora_reset":
+            sub.merge_and_reset(torch.Generator().manual_seed(2))
+            sub.theta = sub.theta + 0.1 * torch.randn(sub.dim, generator=step)
+        study.save_map(sub, method, tmp_path / f"{method}.pt")
+        torch.manual_seed(123)
+        loaded, base = study.load_map(method, args, 2, tmp_path / f"{method}.pt")
+        with torch.no_grad():
+            want = sub(x)
+            assert torch.equal(loaded(x), want) and not torch.equal(base(x), want)
+            if method == "colora_reset":
+                loaded, _ = study.load_map("colora", args, 2, tmp_path / "colora.pt")
+                loaded.theta = sub.theta
+                assert (loaded(x) - want).abs().max() > 1e-3
