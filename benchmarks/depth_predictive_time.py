@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import bayes_colora as bc
 from bayes_colora.depth import DECODER_TARGETS, DepthLikelihood, depth_anything, predict_depth
-from bayes_colora.depth.experiment import ADAPTERS
+from bayes_colora.depth.experiment import ADAPTERS, median_seconds
 
 PLACEMENTS: dict[str, str] = {
     "decoder": DECODER_TARGETS,
@@ -47,23 +46,6 @@ PLACEMENTS: dict[str, str] = {
     "head.conv2+3": r"^decoder\.head\.conv[23]$",
     "head.conv3": r"^decoder\.head\.conv3$",
 }
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(placement: str, adapter: str, args: argparse.Namespace) -> dict[str, Any]:

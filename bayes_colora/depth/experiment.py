@@ -285,27 +285,33 @@ def adapt(sub: Subspace, train: Dataset, lik: DepthLikelihood, settings: EngineS
     return sub.theta.clone(), post.history
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call, synchronised on
+    CUDA before and after each call."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def time_predictive(sub: Subspace, post: Posterior, images: torch.Tensor, lik: DepthLikelihood,
                     n_samples: int = 32, repeats: int = 5) -> dict[str, float]:
     """Seconds for one deterministic forward pass of ``images`` and for the ``n_samples``-sample
-    predictive (median of ``repeats`` after a warm-up), and their ratio."""
-    def clock(fn: Callable[[], Any]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if sub.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if sub.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
+    predictive (:func:`median_seconds` of ``repeats``), and their ratio."""
     images = images.to(sub.device)
     with torch.inference_mode():
-        single = clock(lambda: sub(images))
-        sampled = clock(lambda: predict_depth(sub, post, images, n_samples, likelihood=lik))
+        single = median_seconds(lambda: sub(images), repeats, sub.device)
+        sampled = median_seconds(lambda: predict_depth(sub, post, images, n_samples, likelihood=lik),
+                                 repeats, sub.device)
     return {"forward_s": single, "predictive_s": sampled, "ratio": sampled / single,
             "n_samples": n_samples, "batch": images.shape[0]}
 
