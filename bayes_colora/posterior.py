@@ -33,7 +33,7 @@ class Posterior:
 
     likelihood: Likelihood | None = None
     #: per-epoch (or per-step) training records, where the engine kept any
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
 
     @property
     def dim(self) -> int:
@@ -96,7 +96,7 @@ class Posterior:
                        "state": {k: v.cpu() for k, v in self.likelihood.state_dict().items()}}}
         _atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
-    def _finish(self, likelihood: Likelihood | None, history: list[dict[str, float]] | None) -> None:
+    def _finish(self, likelihood: Likelihood | None, history: list[dict[str, Any]] | None) -> None:
         self.likelihood = likelihood
         self.history = list(history or [])
 
@@ -125,7 +125,7 @@ class DiracPosterior(Posterior):
     state_keys = ("theta_hat",)
 
     def __init__(self, theta_hat: torch.Tensor, likelihood: Likelihood | None = None,
-                 history: list[dict[str, float]] | None = None):
+                 history: list[dict[str, Any]] | None = None):
         self.theta_hat = theta_hat.detach().clone()
         self._finish(likelihood, history)
 
@@ -179,7 +179,7 @@ class GaussianPosterior(_Gaussian):
     state_keys = ("loc", "scale_tril")
 
     def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, likelihood: Likelihood | None = None,
-                 history: list[dict[str, float]] | None = None):
+                 history: list[dict[str, Any]] | None = None):
         self.loc, self.scale_tril = loc.detach().clone(), scale_tril.detach().clone()
         self._finish(likelihood, history)
 
@@ -218,7 +218,7 @@ class DiagGaussianPosterior(_Gaussian):
     state_keys = ("loc", "std")
 
     def __init__(self, loc: torch.Tensor, std: torch.Tensor, likelihood: Likelihood | None = None,
-                 history: list[dict[str, float]] | None = None):
+                 history: list[dict[str, Any]] | None = None):
         self.loc, self.std = loc.detach().clone(), std.detach().clone()
         self._finish(likelihood, history)
 
@@ -284,7 +284,7 @@ class LowRankPrecisionGaussianPosterior(_Gaussian):
 
     def __init__(self, loc: torch.Tensor, prior_std: torch.Tensor, eigvecs: torch.Tensor,
                  eigvals: torch.Tensor, likelihood: Likelihood | None = None,
-                 history: list[dict[str, float]] | None = None):
+                 history: list[dict[str, Any]] | None = None):
         self.loc, self.prior_std, self.eigvecs, self.eigvals = (
             t.detach().clone() for t in (loc, prior_std.expand_as(loc), eigvecs, eigvals))
         self._finish(likelihood, history)
@@ -338,7 +338,7 @@ class KronGaussianPosterior(_Gaussian):
 
     def __init__(self, loc: torch.Tensor, blocks: list[dict[str, Any]], diag_index: torch.Tensor,
                  diag_precision: torch.Tensor, likelihood: Likelihood | None = None,
-                 history: list[dict[str, float]] | None = None):
+                 history: list[dict[str, Any]] | None = None):
         self.loc = loc.detach().clone()
         keys = ("h_eigvals", "h_eigvecs", "q_eigvals", "q_eigvecs")
         self.blocks = [{"name": str(b["name"]), "offset": int(b["offset"]),
@@ -430,7 +430,7 @@ class SamplePosterior(Posterior):
 
     def __init__(self, samples: torch.Tensor, r_hat: torch.Tensor | None = None,
                  ess: torch.Tensor | None = None, likelihood: Likelihood | None = None,
-                 history: list[dict[str, float]] | None = None):
+                 history: list[dict[str, Any]] | None = None):
         if samples.dim() != 2 or samples.shape[0] < 1:
             raise ValueError(f"samples must have shape (M, d) with M >= 1, got {tuple(samples.shape)}")
         self.samples = samples.detach().clone()

@@ -338,6 +338,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     row.update({k: post.history[0][k] for k in ("prior_precision", "temperature")})
                 elif engine in ("swag", "vi"):  # tune_covariance_scale's choice
                     row["covariance_scale"] = post.history[-1]["covariance_scale"]
+                    # the validation NLL of every scale searched (JSON object keys are strings)
+                    row["covariance_scale_val_nll"] = {str(c): v for c, v in
+                                                       post.history[-1]["val_nll_by_scale"].items()}
                 results["rows"].append(row)
                 if adapter == panel_adapter:
                     idx = torch.linspace(0, len(test_raw) - 1, PANEL_IMAGES).long().tolist()

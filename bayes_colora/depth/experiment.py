@@ -205,22 +205,27 @@ def tune_covariance_scale(sub: Subspace, post: Posterior, val: Dataset, lik: Dep
     validation NLL: the Gaussian NLL per valid pixel of ``N(m, v)`` moment-matched to the sampled
     predictive of ``N(mu, c Sigma)`` (``settings.tune_samples`` samples, the same generator seed
     for every ``c``: common random numbers, so each ``c`` sees the draws
-    ``mu + sqrt(c) (theta_s - mu)`` of the same ``theta_s``). The returned posterior's ``history``
-    ends with ``{"covariance_scale": c, "val_nll": ...}``, the chosen ``c`` and its NLL.
+    ``mu + sqrt(c) (theta_s - mu)`` of the same ``theta_s``). With ``m_i`` and ``v_i`` the sampled
+    predictive's depth mean and total variance (aleatoric plus the spread of the ``S`` sampled
+    means) at valid validation pixel ``i`` of ``N``, the NLL of ``c`` is
+    ``(1/N) sum_i 0.5 [log(2 pi v_i) + (y_i - m_i)^2 / v_i]`` (:func:`~.metrics.depth_nll`, nats per
+    pixel, of depth in metres whatever the likelihood's space). The returned posterior's
+    ``history`` ends with ``{"covariance_scale": c, "val_nll": NLL(c), "val_nll_by_scale":
+    {c': NLL(c') for every c'}}`` (floats): the chosen ``c``, its NLL, and the whole search.
 
     The global CPU random state is left as it was (each DataLoader iterator draws its base seed
     from it), so the cells fitted afterwards (e.g. the next adapter's initialisation) do not
     depend on the search.
     """
-    nll = {}
+    nll: dict[float, float] = {}
     with torch.random.fork_rng(devices=[]):
         for c in settings.covariance_scales:
             pred, depth = _predict_batches(sub, post.scaled(c), val, lik, settings.tune_samples,
                                            settings.batch_size, linearized=False, seed=seed)
-            nll[c] = depth_nll(pred.mean, pred.total_std ** 2, depth)
+            nll[float(c)] = depth_nll(pred.mean, pred.total_std ** 2, depth)
     best = min(nll, key=nll.get)
     tuned = post.scaled(best)
-    tuned.history.append({"covariance_scale": best, "val_nll": nll[best]})
+    tuned.history.append({"covariance_scale": best, "val_nll": nll[best], "val_nll_by_scale": nll})
     return tuned
 
 
