@@ -24,6 +24,19 @@ in ``results.json`` (a stopped run continues where it stopped). The source model
 ``--out`` (``pretrained-<model>.pt``), or with ``--source-model DIR`` in ``DIR`` so that separate
 processes adapt one source model; a results folder holds rows of one source model (resuming it with
 another is refused).
+
+Engines in parallel processes, from one MAP. Every engine of an adapter starts from the MAP saved in
+``--out`` (``theta_map-<model>-<adapter>.pt``). To fit the engines in separate processes, fit the
+MAP once (``--engines map``), copy that folder once per engine, run each copy with ``--engines map
+ENGINE``, and join the copies:
+
+    python studies/depth_uncertainty.py --combine runs/d_laplace runs/d_swag runs/d_vi --out runs/d
+
+``--combine DIR [DIR ...] --out OUT`` fits nothing: it joins the folders' rows into
+``OUT/results.json`` and writes ``results.md`` and the figures there. The folders must share the
+grid's settings (targets, image size, budgets, data); a cell found in two folders must be the same
+row (a copied MAP row), and the rows of one model and adapter must come from one source model and
+one MAP (every row records the MAP's fingerprint as ``map``), else the folders are refused.
 """
 from __future__ import annotations
 
@@ -97,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder of the source models, one file per model, DIR/pretrained-<model>.pt: "
                         "loaded from there when the file exists, else pre-trained and written there, so "
                         "that processes sharing DIR adapt the same source model (default: --out)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
+                   help="fit nothing: join the results.json of these study folders (one MAP per model "
+                        "and adapter, e.g. copies of one folder run with different --engines) into --out")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -160,11 +176,13 @@ def mobilenet_weights(args: argparse.Namespace) -> str | None:
         return None
 
 
-def fingerprint(model: torch.nn.Module) -> str:
+def fingerprint(model: torch.nn.Module | torch.Tensor) -> str:
     """The first 16 hex digits of the SHA-256 of every parameter and buffer's bytes (in
-    ``state_dict`` order, on the CPU): equal exactly when the two models are bit-identical."""
+    ``state_dict`` order, on the CPU), or of a tensor's: equal exactly when the two models (or
+    tensors) are bit-identical."""
+    state = {"": model} if isinstance(model, torch.Tensor) else model.state_dict()
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -263,6 +281,10 @@ def pretrained_model(name: str, args: argparse.Namespace, cfg: dict[str, Any], l
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.combine:
+        results = combine(args.combine, args.out)
+        write_outputs(results, args.out)
+        return results
     if args.deterministic:  # cuBLAS reads it when it starts, before the first matrix product
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = config(args)
@@ -330,7 +352,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 curves = {m: [c.tolist() for c in P.sparsification_curves(pred.mean, pred.total_std, ev.depth, m)]
                           for m in ("rmse", "abs_rel")}
                 row = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
-                       "source": source,
+                       "source": source, "map": fingerprint(theta_map),
                        **ev.metrics, "fit_s": fit_s, "predict_s": ev.seconds, "per_image": ev.per_image,
                        "curves": curves,
                        "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}
@@ -358,6 +380,62 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             del sub
     write_outputs(results, args.out)
     return results
+
+
+#: config entries that folders joined by --combine must share (the engines and paths may differ)
+SHARED_CONFIG = ("targets", "size", "source", "pretrain_epochs", "da_size", "n_val", "settings", "quick", "data")
+
+
+def combine(dirs: list[str], out: str) -> dict[str, Any]:
+    """The rows of the study folders ``dirs`` joined into one results dict (module notes), saved
+    as ``out/results.json``; ``SystemExit`` naming the folders and the conflict when they cannot
+    be joined."""
+    if os.path.isfile(os.path.join(out, "results.json")) and (
+            any(os.path.abspath(d) == os.path.abspath(out) for d in dirs)
+            or "combined" not in json.load(open(os.path.join(out, "results.json")))):
+        raise SystemExit(f"error: --combine would overwrite the study results in {out}; pass another --out")
+    joined: dict[str, Any] = {"combined": list(dirs), "rows": [], "timing": {}, "log": {}, "config": None}
+    where: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {}
+    for folder in dirs:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --combine: {path} does not exist")
+        with open(path) as f:
+            results = json.load(f)
+        config = {k: results["config"].get(k) for k in SHARED_CONFIG}
+        if joined["config"] is None:
+            joined["config"] = {**results["config"], "engines": []}
+        differ = [k for k in SHARED_CONFIG if joined["config"].get(k) != config[k]]
+        if differ:
+            raise SystemExit(f"error: --combine: {dirs[0]} and {folder} differ in {', '.join(differ)} "
+                             f"({joined['config'].get(differ[0])!r} vs {config[differ[0]]!r}); join "
+                             f"only folders of one grid")
+        for row in results["rows"]:
+            key = (row["model"], row["adapter"], row["engine"])
+            if key in where:
+                if where[key][1] != row:
+                    raise SystemExit(f"error: --combine: cell {'/'.join(key)} is in {where[key][0]} and "
+                                     f"{folder} with different results; keep it in one folder")
+                continue
+            where[key] = (folder, row)
+            joined["rows"].append(row)
+        joined["timing"].update(results.get("timing", {}))
+        joined["log"][folder] = results.get("log", {})
+        for engine in results["config"].get("engines", []):
+            if engine not in joined["config"]["engines"]:
+                joined["config"]["engines"].append(engine)
+    for model, adapter in dict.fromkeys((r["model"], r["adapter"]) for r in joined["rows"]):
+        mine = [((m, a, e), r) for (m, a, e), (_, r) in where.items() if (m, a) == (model, adapter)]
+        for what, name in (("source", "source model"), ("map", "MAP")):
+            seen = {r.get(what) for _, r in mine}
+            if len(seen) > 1:
+                cells = ", ".join(f"{e} ({where[k][0]}: {r.get(what)})" for k, r in mine for e in [k[2]])
+                raise SystemExit(f"error: --combine: the {model}/{adapter} rows come from different "
+                                 f"{name}s: {cells}; engines are compared with the MAP they started from, "
+                                 f"so join only copies of one folder's MAP (module notes)")
+    os.makedirs(out, exist_ok=True)
+    _atomic_write(os.path.join(out, "results.json"), lambda tmp: open(tmp, "w").write(json.dumps(joined, indent=1)))
+    return joined
 
 
 def write_outputs(results: dict[str, Any], out: str) -> None:

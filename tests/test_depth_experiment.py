@@ -302,8 +302,13 @@ def test_a_source_model_written_meanwhile_is_shared(tmp_path, monkeypatch):
     assert log["pretrain_mobilenet"]["kept"] is False
 
 
-def test_covariance_scale_search_has_the_known_answer():
+@pytest.mark.parametrize("samples", [dict(n_samples=4000), dict(scale_samples=4000, n_samples=2)],
+                         ids=["n_samples", "scale_samples"])
+def test_covariance_scale_search_has_the_known_answer(samples):
     r"""tune_covariance_scale on a model linear in its one parameter, against the analytic NLLs.
+    The search draws ``scale_samples`` samples, by default the test predictive's ``n_samples``
+    (parametrised: either way 4000; 2 or the Laplace search's ``tune_samples = 8`` would break the
+    tolerance below).
 
     The network outputs the constant depth map ``mu + theta`` (a zero 1x1 convolution with bias
     ``mu``, BitFit on that bias: ``theta`` is a scalar), the likelihood is ``N(y; mu + theta,
@@ -345,7 +350,7 @@ def test_covariance_scale_search_has_the_known_answer():
     val = TensorDataset(torch.rand(3, 3, 4, 5, generator=gen), torch.full((3, 1, 4, 5), mu + r))
     lik = DepthLikelihood(sigma=s, space="depth")
     post = bc.DiagGaussianPosterior(torch.zeros(1), torch.ones(1), likelihood=lik)
-    settings = EngineSettings(covariance_scales=scales, tune_samples=n_samples)
+    settings = EngineSettings(covariance_scales=scales, **samples)
     tuned = tune_covariance_scale(sub, post, val, lik, settings, seed=0)
 
     def nll(m: float, v: float) -> float:
@@ -363,3 +368,51 @@ def test_covariance_scale_search_has_the_known_answer():
     assert record["covariance_scale"] == 10.0
     assert record["val_nll"] == by_scale[10.0]
     assert torch.allclose(tuned.variance, 10.0 * post.variance)
+
+
+def test_depth_study_combines_engines_fitted_from_one_map(tmp_path):
+    """The parallel recipe of the study's notes: fit the MAP once, copy the folder per engine, fit
+    each engine in its copy, join with --combine. The joined rows keep one MAP row, every row
+    records that MAP's fingerprint, and the paired table compares both engines with it; folders
+    whose rows come from another MAP, and an --out that is one of the folders, are refused."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    script = os.path.join(ROOT, "studies", "depth_uncertainty.py")
+    cmd = [sys.executable, script, "--quick", "--no-progress", "--models", "mobilenet", "--adapters",
+           "bitfit", "--size", "28", "42", "--source", "8", "--pretrain-epochs", "1"]
+    subprocess.run(cmd + ["--engines", "map", "--out", str(tmp_path / "map")], check=True, cwd=ROOT,
+                   env=env, capture_output=True)
+    for engine in ("swag", "vi"):
+        shutil.copytree(tmp_path / "map", tmp_path / engine)
+        done = subprocess.run(cmd + ["--engines", "map", engine, "--out", str(tmp_path / engine)], check=True,
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.stdout.count("d = ") == 1  # only the engine: the MAP came with the copy
+    joined = [str(tmp_path / e) for e in ("swag", "vi")]
+    subprocess.run([sys.executable, script, "--combine", *joined, "--out", str(tmp_path / "all")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert [r["engine"] for r in results["rows"]] == ["map", "swag", "vi"]
+    theta = torch.load(tmp_path / "map" / "theta_map-mobilenet-bitfit.pt")
+    assert {r["map"] for r in results["rows"]} == {_depth_study().fingerprint(theta)}
+    table = (tmp_path / "all" / "results.md").read_text().split("## Paired differences to MAP")[1]
+    assert all(f"| {e} | 8 | " in table for e in ("swag", "vi"))
+    assert (tmp_path / "all" / "compare-mobilenet-nll.png").stat().st_size > 0
+
+    # a folder whose VI started from another MAP (its rows say so) cannot be paired with this MAP
+    vi = json.loads((tmp_path / "vi" / "results.json").read_text())
+    for r in vi["rows"]:
+        r["map"] = "0" * 16
+    (tmp_path / "vi" / "results.json").write_text(json.dumps(vi))
+    refused = subprocess.run([sys.executable, script, "--combine", *joined, "--out", str(tmp_path / "all2")],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "cell mobilenet/bitfit/map is in" in refused.stderr  # the copied MAP rows now differ
+    del vi["rows"][0]  # without the MAP row, the VI row still names another MAP
+    (tmp_path / "vi" / "results.json").write_text(json.dumps(vi))
+    refused = subprocess.run([sys.executable, script, "--combine", *joined, "--out", str(tmp_path / "all2")],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "come from different MAPs" in refused.stderr
+    overwrite = subprocess.run([sys.executable, script, "--combine", *joined, "--out", joined[0]],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+    assert overwrite.returncode != 0 and "would overwrite" in overwrite.stderr
