@@ -32,6 +32,9 @@ ENGINE``, and join the copies:
 
     python studies/depth_uncertainty.py --combine runs/d_laplace runs/d_swag runs/d_vi --out runs/d
 
+``--tally DIR [DIR ...]`` fits nothing either: it prints, per folder and engine, how many cells
+meet the target (lower NLL and AUSE-RMSE than their MAP), by sign and beyond 2 block SE.
+
 ``--combine DIR [DIR ...] --out OUT`` fits nothing: it joins the folders' rows into
 ``OUT/results.json`` and writes ``results.md`` and the figures there. The folders must share the
 grid's settings (targets, image size, budgets, data); a cell found in two folders must be the same
@@ -72,8 +75,8 @@ PAIRED_NOTE = (
     f"the aggregate) ± the paired per-frame SE [± the block SE over blocks of {E.BLOCK_FRAMES} "
     f"consecutive frames, '-' below {2 * E.BLOCK_FRAMES} frames]. Consecutive video frames are "
     f"correlated, so the per-frame SE understates the uncertainty; the block SE is the one to read. "
-    f"Meets target: NLL and AUSE-RMSE differences both negative. '-': a row of an older "
-    f"results.json without per-image values.")
+    f"Meets target: NLL and AUSE-RMSE differences both negative; 'beyond 2 block SE': both below "
+    f"minus twice their block SE. '-': a row of an older results.json without per-image values.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--combine", nargs="+", default=None, metavar="DIR",
                    help="fit nothing: join the results.json of these study folders (one MAP per model "
                         "and adapter, e.g. copies of one folder run with different --engines) into --out")
+    p.add_argument("--tally", nargs="+", default=None, metavar="DIR",
+                   help="fit nothing: print, per engine, how many cells of these study folders meet the "
+                        "target (lower NLL and AUSE-RMSE than their MAP), by sign and beyond 2 block SE")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -285,6 +291,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results = combine(args.combine, args.out)
         write_outputs(results, args.out)
         return results
+    if args.tally:
+        print(tally(args.tally))
+        return {}
     if args.deterministic:  # cuBLAS reads it when it starts, before the first matrix product
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = config(args)
@@ -436,6 +445,35 @@ def combine(dirs: list[str], out: str) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     _atomic_write(os.path.join(out, "results.json"), lambda tmp: open(tmp, "w").write(json.dumps(joined, indent=1)))
     return joined
+
+
+def tally(dirs: list[str]) -> str:
+    """Markdown table: per folder of ``dirs`` and per engine, the cells (one per adapter) whose
+    engine-minus-MAP differences (:func:`~bayes_colora.depth.experiment.paired_to_map`) meet the
+    target by sign and beyond 2 block SE, as ``met / cells``, and the totals."""
+    lines = ["| folder | engine | cells | met (sign) | met (beyond 2 block SE) | adapters met (sign) |",
+             "|---|---|---|---|---|---|"]
+    total: dict[str, list[int]] = {}
+    for folder in dirs:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --tally: {path} does not exist")
+        with open(path) as f:
+            entries = E.paired_to_map(json.load(f)["rows"])
+        for engine in dict.fromkeys(e["engine"] for e in entries):
+            mine = [e for e in entries if e["engine"] == engine]
+            sign = [e for e in mine if e["meets_target"]]
+            two = sum(bool(e["meets_target_2se"]) for e in mine)
+            counts = total.setdefault(engine, [0, 0, 0])
+            for i, n in enumerate((len(mine), len(sign), two)):
+                counts[i] += n
+            lines.append(f"| {folder} | {engine} | {len(mine)} | {len(sign)} | {two} | "
+                         f"{', '.join(e['adapter'] for e in sign) or '-'} |")
+    for engine, (cells, sign, two) in total.items():
+        lines.append(f"| all | {engine} | {cells} | {sign} | {two} | |")
+    cells, sign, two = (sum(c[i] for c in total.values()) for i in range(3))
+    lines.append(f"| all | all | {cells} | {sign} | {two} | |")
+    return "\n".join(lines)
 
 
 def write_outputs(results: dict[str, Any], out: str) -> None:

@@ -82,3 +82,31 @@ def test_old_rows_without_per_image_render_dashes():
     # an old MAP row: nothing to pair with
     old_map = {k: v for k, v in new_map.items() if k != "per_image"}
     assert E.paired_table([old_map, new_vi]).strip().splitlines()[2].endswith("| - | - | - | - | - |")
+
+
+def test_meets_target_beyond_two_block_ses():
+    """``meets_target_2se``: both the NLL and the AUSE-RMSE differences lie below minus twice their
+    block SE. Hand-made per-frame differences over 4 blocks of 2 frames: block means b_k, block
+    SE = sd(b_k) / sqrt(4)."""
+    frames = 8
+
+    def rows(nll_diff, ause_diff):
+        base = {"n_valid": [10] * frames, "nll": [1.0] * frames, "ause_rmse": [0.5] * frames,
+                "ause_abs_rel": [0.2] * frames}
+        other = {**base, "nll": [1.0 + d for d in nll_diff], "ause_rmse": [0.5 + d for d in ause_diff]}
+        return [{"model": "m", "adapter": "a", "engine": "map", "per_image": base},
+                {"model": "m", "adapter": "a", "engine": "vi", "per_image": other}]
+
+    # block means -1.0, -1.2, -0.8, -1.0: mean -1, sd 0.1633, block SE 0.0816 -> far beyond 2 SE
+    far = [-1.0, -1.0, -1.2, -1.2, -0.8, -0.8, -1.0, -1.0]
+    # block means -0.1, -0.3, +0.1, -0.1: mean -0.1, block SE 0.0816 -> 1.2 SE, negative but not beyond
+    near = [-0.1, -0.1, -0.3, -0.3, 0.1, 0.1, -0.1, -0.1]
+    (both,) = E.paired_to_map(rows(far, far), block=2)
+    assert both["nll"]["se_block"] == pytest.approx(0.16330 / 2, rel=1e-4)
+    assert both["meets_target"] is True and both["meets_target_2se"] is True
+    (one,) = E.paired_to_map(rows(far, near), block=2)
+    assert one["meets_target"] is True and one["meets_target_2se"] is False
+    assert E.paired_table(rows(far, far), block=2).strip().endswith("| yes, beyond 2 block SE |")
+    assert E.paired_table(rows(far, near), block=2).strip().endswith("| yes |")
+    (short,) = E.paired_to_map(rows(far, far), block=5)  # 8 frames < 2 blocks of 5: no block SE
+    assert short["meets_target"] is True and short["meets_target_2se"] is None

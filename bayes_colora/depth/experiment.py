@@ -351,8 +351,10 @@ BLOCK_FRAMES = 20
 
 def paired_to_map(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> list[dict[str, Any]]:
     """Per (model, adapter), each non-MAP engine's :func:`paired_difference` to that cell's MAP for
-    every metric of :data:`PAIRED_METRICS` (``None`` where either row has no ``per_image``), and
-    ``meets_target``: both the NLL and the AUSE-RMSE differences negative (``None`` when unknown)."""
+    every metric of :data:`PAIRED_METRICS` (``None`` where either row has no ``per_image``),
+    ``meets_target``: both the NLL and the AUSE-RMSE differences negative (``None`` when unknown),
+    and ``meets_target_2se``: both below minus twice their block SE, ``mean + 2 se_block < 0``
+    (``None`` without a block SE, i.e. under ``2 block`` frames)."""
     rows = list(rows)
     maps = {(r["model"], r["adapter"]): r for r in rows if r["engine"] == "map"}
     out = []
@@ -374,13 +376,17 @@ def paired_to_map(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> 
         known = [entry[m] for m in ("nll", "ause_rmse")]
         entry["meets_target"] = (None if any(k is None or k["mean"] is None for k in known)
                                  else all(k["mean"] < 0 for k in known))
+        entry["meets_target_2se"] = (None if entry["meets_target"] is None
+                                     or any(k["se_block"] is None for k in known)
+                                     else all(k["mean"] + 2 * k["se_block"] < 0 for k in known))
         out.append(entry)
     return out
 
 
 def paired_table(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> str:
     """Markdown table of :func:`paired_to_map`: each cell ``mean ± per-frame SE [± block SE]``,
-    ``-`` for what is unknown (rows without ``per_image``, or too few frames for an SE)."""
+    ``-`` for what is unknown (rows without ``per_image``, or too few frames for an SE); the target
+    column says ``yes, beyond 2 block SE`` where ``meets_target_2se`` holds."""
     def se(v: float | None) -> str:
         return "-" if v is None else f"{v:.2g}"
 
@@ -394,6 +400,8 @@ def paired_table(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> s
     for e in paired_to_map(rows, block):
         frames = e["nll"]["frames"] if e["nll"] is not None else "-"
         target = {None: "-", True: "yes", False: "no"}[e["meets_target"]]
+        if e["meets_target_2se"]:
+            target += ", beyond 2 block SE"
         lines.append(f"| {e['model']} | {e['adapter']} | {e['engine']} | {frames} | {cell(e['nll'])} | "
                      f"{cell(e['ause_rmse'])} | {cell(e['ause_abs_rel'])} | {target} |")
     return "\n".join(lines) + "\n"
