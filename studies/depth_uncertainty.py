@@ -32,8 +32,10 @@ ENGINE``, and join the copies:
 
     python studies/depth_uncertainty.py --combine runs/d_laplace runs/d_swag runs/d_vi --out runs/d
 
-``--tally DIR [DIR ...]`` fits nothing either: it prints, per folder and engine, how many cells
-meet the target (lower NLL and AUSE-RMSE than their MAP), by sign and beyond 2 block SE.
+``--tally DIR [DIR ...] --out OUT`` fits nothing either: it prints, per folder and engine, how many
+cells meet the target (lower NLL and AUSE-RMSE than their MAP), by sign and beyond 2 block SE, and
+writes that table (``tally.md``) and every cell's NLL and AUSE-RMSE differences as a scatter
+(``target-scatter.png``) into ``OUT``.
 
 ``--combine DIR [DIR ...] --out OUT`` fits nothing: it joins the folders' rows into
 ``OUT/results.json`` and writes ``results.md`` and the figures there. The folders must share the
@@ -62,6 +64,7 @@ from bayes_colora.depth import experiment as E
 from bayes_colora.depth import plots as P
 from bayes_colora.depth.data import SevenScenes
 from bayes_colora.depth.scenes import procedural_scenes, shifted_scenes
+from bayes_colora.posterior import DiracPosterior
 from bayes_colora.subspace import _atomic_write
 
 MODELS = ("mobilenet", "depth_anything")
@@ -77,6 +80,14 @@ PAIRED_NOTE = (
     f"correlated, so the per-frame SE understates the uncertainty; the block SE is the one to read. "
     f"Meets target: NLL and AUSE-RMSE differences both negative; 'beyond 2 block SE': both below "
     f"minus twice their block SE. '-': a row of an older results.json without per-image values.")
+
+
+SPREAD_NOTE = (
+    "SWAG's and VI's rows differ from MAP in two ways: their mean (SWAG's average of snapshots, VI's "
+    "variational mean: further training from the MAP) and their spread. The rows 'swag-mean' and "
+    "'vi-mean' evaluate that mean as a point (its aleatoric map only); in the table above they are "
+    "compared with MAP (the mean's part), here each engine with its own mean (the spread's part), "
+    "in the same format.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -292,7 +303,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         write_outputs(results, args.out)
         return results
     if args.tally:
-        print(tally(args.tally))
+        table, entries = tally(args.tally)
+        os.makedirs(args.out, exist_ok=True)
+        _atomic_write(os.path.join(args.out, "tally.md"), lambda tmp: open(tmp, "w").write(table + "\n"))
+        P.paired_scatter(entries, title=f"{len(entries)} cells of {len(args.tally)} folders",
+                         path=os.path.join(args.out, "target-scatter.png"))
+        print(table + f"\nwrote tally.md and target-scatter.png in {args.out}")
         return {}
     if args.deterministic:  # cuBLAS reads it when it starts, before the first matrix product
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -358,13 +374,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 ev = E.evaluate_engine(sub, post, test, lik, engine, settings.n_samples,
                                        settings.batch_size, seed=args.seed)
                 pred = ev.prediction
-                curves = {m: [c.tolist() for c in P.sparsification_curves(pred.mean, pred.total_std, ev.depth, m)]
-                          for m in ("rmse", "abs_rel")}
-                row = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
-                       "source": source, "map": fingerprint(theta_map),
-                       **ev.metrics, "fit_s": fit_s, "predict_s": ev.seconds, "per_image": ev.per_image,
-                       "curves": curves,
-                       "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}
+                head = {"model": model_name, "adapter": adapter, "engine": engine, "d": sub.dim,
+                        "source": source, "map": fingerprint(theta_map)}
+                row = {**head, **cell_row(ev), "fit_s": fit_s}
+                extra = []
+                if engine in ("swag", "vi"):  # its mean as a point: what the spread adds beyond it
+                    point = DiracPosterior(post.mean.clone(), likelihood=lik)
+                    at_mean = E.evaluate_engine(sub, point, test, lik, "map", 1, settings.batch_size)
+                    extra.append({**head, "engine": engine + E.MEAN_SUFFIX, **cell_row(at_mean), "fit_s": fit_s})
                 if engine == "laplace":  # the grid search's choice
                     row.update({k: post.history[0][k] for k in ("prior_precision", "temperature")})
                 elif engine in ("swag", "vi"):  # tune_covariance_scale's choice
@@ -372,7 +389,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     # the validation NLL of every scale searched (JSON object keys are strings)
                     row["covariance_scale_val_nll"] = {str(c): v for c, v in
                                                        post.history[-1]["val_nll_by_scale"].items()}
-                results["rows"].append(row)
+                results["rows"] += [row, *extra]
                 if adapter == panel_adapter:
                     idx = torch.linspace(0, len(test_raw) - 1, PANEL_IMAGES).long().tolist()
                     images = torch.stack([test_raw[i][0] for i in idx])
@@ -447,19 +464,21 @@ def combine(dirs: list[str], out: str) -> dict[str, Any]:
     return joined
 
 
-def tally(dirs: list[str]) -> str:
-    """Markdown table: per folder of ``dirs`` and per engine, the cells (one per adapter) whose
+def tally(dirs: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """A markdown table: per folder of ``dirs`` and per engine, the cells (one per adapter) whose
     engine-minus-MAP differences (:func:`~bayes_colora.depth.experiment.paired_to_map`) meet the
-    target by sign and beyond 2 block SE, as ``met / cells``, and the totals."""
+    target by sign and beyond 2 block SE, and the totals; and the paired entries of all folders."""
     lines = ["| folder | engine | cells | met (sign) | met (beyond 2 block SE) | adapters met (sign) |",
              "|---|---|---|---|---|---|"]
     total: dict[str, list[int]] = {}
+    every: list[dict[str, Any]] = []
     for folder in dirs:
         path = os.path.join(folder, "results.json")
         if not os.path.isfile(path):
             raise SystemExit(f"error: --tally: {path} does not exist")
         with open(path) as f:
             entries = E.paired_to_map(json.load(f)["rows"])
+        every.extend(entries)
         for engine in dict.fromkeys(e["engine"] for e in entries):
             mine = [e for e in entries if e["engine"] == engine]
             sign = [e for e in mine if e["meets_target"]]
@@ -473,7 +492,17 @@ def tally(dirs: list[str]) -> str:
         lines.append(f"| all | {engine} | {cells} | {sign} | {two} | |")
     cells, sign, two = (sum(c[i] for c in total.values()) for i in range(3))
     lines.append(f"| all | all | {cells} | {sign} | {two} | |")
-    return "\n".join(lines)
+    return "\n".join(lines), every
+
+
+def cell_row(ev: E.DepthEvaluation) -> dict[str, Any]:
+    """The evaluated part of a results row: the metrics, per-image values, sparsification curves
+    and interval coverages of ``ev``."""
+    pred = ev.prediction
+    curves = {m: [c.tolist() for c in P.sparsification_curves(pred.mean, pred.total_std, ev.depth, m)]
+              for m in ("rmse", "abs_rel")}
+    return {**ev.metrics, "predict_s": ev.seconds, "per_image": ev.per_image, "curves": curves,
+            "coverage": P.depth_coverage(pred.mean, pred.total_std, ev.depth).tolist()}
 
 
 def write_outputs(results: dict[str, Any], out: str) -> None:
@@ -481,6 +510,7 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
     rows = results["rows"]
     table = E.summarise(rows, TABLE_COLUMNS)
     paired = E.paired_table(rows)
+    spread = E.paired_table(rows, against={e: e + E.MEAN_SUFFIX for e in ("swag", "vi")})
     timing = ["| model / adapter | batch | one forward (s) | S=32 predictive (s) | ratio |",
               "|---|---|---|---|---|"]
     for cell, t in results["timing"].items():
@@ -488,7 +518,8 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
                       f"{t['ratio']:.2f}x |")
     text = (f"# Depth uncertainty study\n\nData: {results['config'].get('data')}; device "
             f"{results['config'].get('device')}.\n\n{table}\n## Paired differences to MAP\n\n"
-            f"{PAIRED_NOTE}\n\n{paired}\n## Predictive cost (adapters in the decoder only)\n\n"
+            f"{PAIRED_NOTE}\n\n{paired}\n## What the spread adds: each engine against its own mean\n\n"
+            f"{SPREAD_NOTE}\n\n{spread}\n## Predictive cost (adapters in the decoder only)\n\n"
             + "\n".join(timing) + "\n")
     _atomic_write(os.path.join(out, "results.md"), lambda tmp: open(tmp, "w").write(text))
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -143,7 +143,7 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert [r["engine"] for r in rows] == ["map", "laplace", "swag", "vi"]
+    assert [r["engine"] for r in rows] == ["map", "laplace", "swag", "swag-mean", "vi", "vi-mean"]
     for r in rows:
         for key in ("abs_rel", "rmse", "nll", "ause_rmse", "aurg_rmse", "calibration_error"):
             assert math.isfinite(r[key]), (r["engine"], key)
@@ -154,10 +154,15 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     for r in rows:
         assert {k: len(v) for k, v in r["per_image"].items()} == dict.fromkeys(
             ("n_valid", "nll", "ause_rmse", "ause_abs_rel"), n_test)
-    table = (out / "results.md").read_text().split("## Paired differences to MAP")[1]
-    assert all(f"| {e} | {n_test} | " in table for e in ("laplace", "swag", "vi"))
+    text = (out / "results.md").read_text()
+    table, spread = text.split("## Paired differences to MAP")[1].split("## What the spread adds")
+    assert all(f"| {e} | {n_test} | " in table for e in ("laplace", "swag", "swag-mean", "vi", "vi-mean"))
+    assert all(f"| {e} | {n_test} | " in spread for e in ("swag", "vi")) and "laplace" not in spread
     # MAP's epistemic part is zero, a sampled posterior's is not: their NLLs differ
     assert rows[0]["nll"] != rows[2]["nll"]
+    # SWAG's mean as a point is a sharper predictive than SWAG's samples around it
+    by = {r["engine"]: r for r in rows}
+    assert by["swag-mean"]["nll"] != by["swag"]["nll"] and by["swag-mean"]["map"] == by["swag"]["map"]
     for name in ("results.md", "sparsification-mobilenet-convcolora.png",
                  "calibration-mobilenet-convcolora.png", "compare-mobilenet-nll.png",
                  "panel-mobilenet-convcolora-vi.png"):
@@ -169,7 +174,7 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(before)["rows"]
     # a lost cell is refitted from the saved MAP (not a re-trained one): the same numbers again
     saved = json.loads(before)
-    saved["rows"] = [r for r in saved["rows"] if r["engine"] != "swag"]
+    saved["rows"] = [r for r in saved["rows"] if r["engine"] not in ("swag", "swag-mean")]
     for r in saved["rows"]:  # as written before rows kept their per-image values
         del r["per_image"]
     (out / "results.json").write_text(json.dumps(saved))
@@ -180,7 +185,7 @@ def test_depth_study_quick_runs_and_resumes(tmp_path):
     old = {r["engine"]: r for r in json.loads(before)["rows"]}
     assert redone["swag"]["nll"] == pytest.approx(old["swag"]["nll"], rel=1e-5)
     table = (out / "results.md").read_text().split("## Paired differences to MAP")[1]
-    assert all(f"| {e} | - | - | - | - | - |" in table for e in ("laplace", "swag", "vi"))
+    assert all(f"| {e} | - | - | - | - | - |" in table for e in ("laplace", "vi", "vi-mean"))
 
 
 def _depth_study():
@@ -392,7 +397,7 @@ def test_depth_study_combines_engines_fitted_from_one_map(tmp_path):
     subprocess.run([sys.executable, script, "--combine", *joined, "--out", str(tmp_path / "all")],
                    check=True, cwd=ROOT, env=env, capture_output=True)
     results = json.loads((tmp_path / "all" / "results.json").read_text())
-    assert [r["engine"] for r in results["rows"]] == ["map", "swag", "vi"]
+    assert [r["engine"] for r in results["rows"]] == ["map", "swag", "swag-mean", "vi", "vi-mean"]
     theta = torch.load(tmp_path / "map" / "theta_map-mobilenet-bitfit.pt")
     assert {r["map"] for r in results["rows"]} == {_depth_study().fingerprint(theta)}
     table = (tmp_path / "all" / "results.md").read_text().split("## Paired differences to MAP")[1]
@@ -416,3 +421,27 @@ def test_depth_study_combines_engines_fitted_from_one_map(tmp_path):
     overwrite = subprocess.run([sys.executable, script, "--combine", *joined, "--out", joined[0]],
                                cwd=ROOT, env=env, capture_output=True, text=True)
     assert overwrite.returncode != 0 and "would overwrite" in overwrite.stderr
+
+
+def test_depth_study_tally_counts_the_cells_that_meet_the_target(tmp_path):
+    """--tally over two folders: VI meets the target in each (lower NLL and AUSE-RMSE in every one
+    of 40 frames, so also beyond 2 block SE), SWAG in neither; the totals add the folders."""
+    frames = 40
+    base = {"n_valid": [10] * frames, "nll": [1.0] * frames, "ause_rmse": [0.5] * frames,
+            "ause_abs_rel": [0.2] * frames}
+    rows = [{"model": "m", "adapter": "a", "engine": "map", "per_image": base},
+            {"model": "m", "adapter": "a", "engine": "vi",
+             "per_image": {**base, "nll": [0.9 - 0.01 * (i % 3) for i in range(frames)],
+                           "ause_rmse": [0.4 + 0.01 * (i % 2) for i in range(frames)]}},
+            {"model": "m", "adapter": "a", "engine": "swag",
+             "per_image": {**base, "nll": [0.8] * frames, "ause_rmse": [0.6] * frames}}]
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
+    study = _depth_study()
+    study.run(["--tally", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "t")])
+    lines = (tmp_path / "t" / "tally.md").read_text().splitlines()
+    assert f"| {tmp_path / 'x'} | vi | 1 | 1 | 1 | a |" in lines
+    assert f"| {tmp_path / 'y'} | swag | 1 | 0 | 0 | - |" in lines
+    assert "| all | vi | 2 | 2 | 2 | |" in lines and "| all | all | 4 | 2 | 2 | |" in lines
+    assert (tmp_path / "t" / "target-scatter.png").stat().st_size > 0

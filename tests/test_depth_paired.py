@@ -110,3 +110,45 @@ def test_meets_target_beyond_two_block_ses():
     assert E.paired_table(rows(far, near), block=2).strip().endswith("| yes |")
     (short,) = E.paired_to_map(rows(far, far), block=5)  # 8 frames < 2 blocks of 5: no block SE
     assert short["meets_target"] is True and short["meets_target_2se"] is None
+
+
+def _two_engine_rows(frames: int = 8) -> list[dict]:
+    """A MAP and two engines over ``frames`` hand-made per-frame values: VI lowers NLL by 1 and
+    AUSE-RMSE by 0.1 in every frame, SWAG raises both by 0.5 and 0.05."""
+    base = {"n_valid": [10] * frames, "nll": [1.0] * frames, "ause_rmse": [0.5] * frames,
+            "ause_abs_rel": [0.2] * frames}
+
+    def shifted(dn, da):
+        return {**base, "nll": [1.0 + dn] * frames, "ause_rmse": [0.5 + da] * frames}
+    return [{"model": "m", "adapter": "a", "engine": "map", "per_image": base},
+            {"model": "m", "adapter": "a", "engine": "vi", "per_image": shifted(-1.0, -0.1)},
+            {"model": "m", "adapter": "a", "engine": "swag", "per_image": shifted(0.5, 0.05)}]
+
+
+def test_paired_scatter_puts_each_cell_at_its_differences(tmp_path):
+    from bayes_colora.depth import plots as P
+
+    entries = E.paired_to_map(_two_engine_rows(), block=2)
+    fig = P.paired_scatter(entries, path=tmp_path / "scatter.png")
+    (ax,) = fig.axes
+    points = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+              for c in ax.containers}
+    assert points["vi (1 of 1 in the quadrant)"] == (pytest.approx([-1.0]), pytest.approx([-0.1]))
+    assert points["swag (0 of 1 in the quadrant)"] == (pytest.approx([0.5]), pytest.approx([0.05]))
+    assert (tmp_path / "scatter.png").stat().st_size > 0
+    old = [{**r, "per_image": None} if r["engine"] != "map" else r for r in _two_engine_rows()]
+    with pytest.raises(ValueError, match="none has them"):
+        P.paired_scatter(E.paired_to_map(old))
+
+
+def test_paired_to_map_against_another_reference_row():
+    """``against={"vi": "vi-mean"}``: only VI, paired with its own mean's row (the spread's part),
+    not with the MAP."""
+    rows = _two_engine_rows()
+    mean_row = {**rows[1], "engine": "vi-mean",
+                "per_image": {**rows[1]["per_image"], "nll": [0.25] * 8}}
+    (entry,) = E.paired_to_map(rows + [mean_row], block=2, against={"vi": "vi-mean"})
+    assert entry["engine"] == "vi" and entry["against"] == "vi-mean"
+    assert entry["nll"]["mean"] == pytest.approx(0.0 - 0.25)  # vi's NLL is 1 - 1 = 0 per frame
+    assert entry["ause_rmse"]["mean"] == pytest.approx(0.0)
+    assert [e["against"] for e in E.paired_to_map(rows + [mean_row], block=2)] == ["map", "map", "map"]

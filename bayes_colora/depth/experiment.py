@@ -349,27 +349,39 @@ PAIRED_METRICS: dict[str, str | None] = {"nll": "n_valid", "ause_rmse": None, "a
 BLOCK_FRAMES = 20
 
 
-def paired_to_map(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> list[dict[str, Any]]:
+#: the row name of an engine's posterior mean evaluated as a point (a Dirac posterior there)
+MEAN_SUFFIX = "-mean"
+
+
+def paired_to_map(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES,
+                  against: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Per (model, adapter), each non-MAP engine's :func:`paired_difference` to that cell's MAP for
-    every metric of :data:`PAIRED_METRICS` (``None`` where either row has no ``per_image``),
+    every metric of :data:`PAIRED_METRICS` (``None`` where either row has no ``per_image``); with
+    ``against`` (engine -> reference engine, e.g. ``{"vi": "vi-mean"}``) only the engines named
+    there, each against its reference row instead of the MAP;
     ``meets_target``: both the NLL and the AUSE-RMSE differences negative (``None`` when unknown),
     and ``meets_target_2se``: both below minus twice their block SE, ``mean + 2 se_block < 0``
     (``None`` without a block SE, i.e. under ``2 block`` frames)."""
     rows = list(rows)
-    maps = {(r["model"], r["adapter"]): r for r in rows if r["engine"] == "map"}
+    cells = {(r["model"], r["adapter"], r["engine"]): r for r in rows}
     out = []
     for r in rows:
-        base = maps.get((r["model"], r["adapter"]))
-        if r["engine"] == "map" or base is None:
+        if against is None:
+            reference = None if r["engine"] == "map" else "map"
+        else:
+            reference = against.get(r["engine"])
+        base = cells.get((r["model"], r["adapter"], reference))
+        if base is None:
             continue
         mine, ref = r.get("per_image"), base.get("per_image")
-        entry: dict[str, Any] = {"model": r["model"], "adapter": r["adapter"], "engine": r["engine"]}
+        entry: dict[str, Any] = {"model": r["model"], "adapter": r["adapter"], "engine": r["engine"],
+                                 "against": reference}
         for metric, weight in PAIRED_METRICS.items():
             if mine is None or ref is None:
                 entry[metric] = None
                 continue
             if mine["n_valid"] != ref["n_valid"]:
-                raise ValueError(f"{r['model']}/{r['adapter']}: {r['engine']} and map were evaluated "
+                raise ValueError(f"{r['model']}/{r['adapter']}: {r['engine']} and {reference} were evaluated "
                                  f"on different test images (valid-pixel counts differ)")
             diff = [None if a is None or b is None else a - b for a, b in zip(mine[metric], ref[metric])]
             entry[metric] = paired_difference(diff, None if weight is None else mine[weight], block)
@@ -383,7 +395,8 @@ def paired_to_map(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> 
     return out
 
 
-def paired_table(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> str:
+def paired_table(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES,
+                 against: dict[str, str] | None = None) -> str:
     """Markdown table of :func:`paired_to_map`: each cell ``mean ± per-frame SE [± block SE]``,
     ``-`` for what is unknown (rows without ``per_image``, or too few frames for an SE); the target
     column says ``yes, beyond 2 block SE`` where ``meets_target_2se`` holds."""
@@ -397,7 +410,7 @@ def paired_table(rows: Iterable[dict[str, Any]], block: int = BLOCK_FRAMES) -> s
 
     lines = ["| model | adapter | engine | frames | Δ NLL | Δ AUSE-RMSE | Δ AUSE-AbsRel | meets target |",
              "|---|---|---|---|---|---|---|---|"]
-    for e in paired_to_map(rows, block):
+    for e in paired_to_map(rows, block, against):
         frames = e["nll"]["frames"] if e["nll"] is not None else "-"
         target = {None: "-", True: "yes", False: "no"}[e["meets_target"]]
         if e["meets_target_2se"]:

@@ -6,7 +6,9 @@ r"""Figures of depth predictions and their uncertainty (matplotlib, Agg canvas, 
   :func:`sparsification_curves`) with their oracles, several models on one axes;
 * :func:`depth_calibration_plot`: observed against expected coverage of the per-pixel
   Gaussian intervals (from :func:`depth_coverage`, pooled over the valid pixels);
-* :func:`comparison_plot`: grouped bars of one metric per adapter and engine.
+* :func:`comparison_plot`: grouped bars of one metric per adapter and engine;
+* :func:`paired_scatter`: each engine's paired difference to its MAP, NLL against AUSE-RMSE, one
+  point per cell with its 2-block-SE bars (the lower-left quadrant is "lower NLL and AUSE").
 
 Curves are computed and plotted in two steps so that a long study can keep the few numbers of
 every cell (and resume) instead of every pixel. As in :mod:`bayes_colora.plots`, each function returns the Figure, draws into ``ax`` when given,
@@ -180,4 +182,38 @@ def comparison_plot(rows: Iterable[dict[str, Any]], metric: str, group: str = "a
     ax.set_xticks(range(len(groups)), [str(g) for g in groups])
     ax.set(ylabel=metric, title=title or metric)
     ax.legend(fontsize="small", ncols=min(len(hues), 4))
+    return _finish(fig, path)
+
+
+def paired_scatter(entries: Iterable[dict[str, Any]], ax: Axes | None = None, title: str | None = None,
+                   path: str | os.PathLike | None = None) -> Figure:
+    r"""One point per cell of :func:`~bayes_colora.depth.experiment.paired_to_map` entries: ``x``
+    the engine-minus-MAP NLL difference, ``y`` the AUSE-RMSE difference, error bars of two block
+    SEs (none where there is no block SE), one colour per engine. The quadrant ``x < 0, y < 0``
+    (the target: lower NLL and lower AUSE than MAP) is shaded. The NLL axis is symmetric-log
+    (linear within ``|x| < 0.1``): its differences span three decades. Entries without per-image
+    values are left out."""
+    entries = [e for e in entries if e.get("nll") and e.get("ause_rmse") and e["nll"]["mean"] is not None
+               and e["ause_rmse"]["mean"] is not None]
+    if not entries:
+        raise ValueError("paired_scatter needs paired_to_map entries with per-image NLL and AUSE-RMSE "
+                         "differences; none has them")
+    fig, ax = _axes(ax, (6.0, 4.5))
+    for engine in dict.fromkeys(e["engine"] for e in entries):
+        mine = [e for e in entries if e["engine"] == engine]
+        x = [e["nll"]["mean"] for e in mine]
+        y = [e["ause_rmse"]["mean"] for e in mine]
+        xerr = [2 * (e["nll"]["se_block"] or 0.0) for e in mine]
+        yerr = [2 * (e["ause_rmse"]["se_block"] or 0.0) for e in mine]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=4, capsize=2, lw=0.8,
+                    label=f"{engine} ({sum(bool(e['meets_target']) for e in mine)} of {len(mine)} in the quadrant)")
+    ax.set_xscale("symlog", linthresh=0.1)
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    ax.fill_between([x0, 0.0], y0, 0.0, color="tab:green", alpha=0.1, lw=0)
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.axvline(0.0, color="0.5", lw=0.8)
+    ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel="Δ NLL (engine − MAP, nats per pixel)",
+           ylabel="Δ AUSE-RMSE (engine − MAP, m)", title=title or "engines against their MAP")
+    ax.legend(fontsize="small", loc="best")
     return _finish(fig, path)
