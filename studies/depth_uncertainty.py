@@ -32,16 +32,16 @@ ENGINE``, and join the copies:
 
     python studies/depth_uncertainty.py --combine runs/d_laplace runs/d_swag runs/d_vi --out runs/d
 
-``--tally DIR [DIR ...] --out OUT`` fits nothing either: it prints, per folder and engine, how many
-cells meet the target (lower NLL and AUSE-RMSE than their MAP), by sign and beyond 2 block SE, and
-writes that table (``tally.md``) and every cell's NLL and AUSE-RMSE differences as a scatter
-(``target-scatter.png``) into ``OUT``.
-
 ``--combine DIR [DIR ...] --out OUT`` fits nothing: it joins the folders' rows into
 ``OUT/results.json`` and writes ``results.md`` and the figures there. The folders must share the
 grid's settings (targets, image size, budgets, data); a cell found in two folders must be the same
 row (a copied MAP row), and the rows of one model and adapter must come from one source model and
 one MAP (every row records the MAP's fingerprint as ``map``), else the folders are refused.
+
+``--tally DIR [DIR ...] --out OUT`` fits nothing either: it prints, per folder and engine, how many
+cells meet the target (lower NLL and AUSE-RMSE than their MAP), by sign and beyond 2 block SE, and
+writes that table (``tally.md``) and every cell's NLL and AUSE-RMSE differences as a scatter
+(``target-scatter.png``) into ``OUT``.
 """
 from __future__ import annotations
 
@@ -455,7 +455,7 @@ def combine(dirs: list[str], out: str) -> dict[str, Any]:
         for what, name in (("source", "source model"), ("map", "MAP")):
             seen = {r.get(what) for _, r in mine}
             if len(seen) > 1:
-                cells = ", ".join(f"{e} ({where[k][0]}: {r.get(what)})" for k, r in mine for e in [k[2]])
+                cells = ", ".join(f"{k[2]} ({where[k][0]}: {r.get(what)})" for k, r in mine)
                 raise SystemExit(f"error: --combine: the {model}/{adapter} rows come from different "
                                  f"{name}s: {cells}; engines are compared with the MAP they started from, "
                                  f"so join only copies of one folder's MAP (module notes)")
