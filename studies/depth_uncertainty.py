@@ -412,6 +412,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 SHARED_CONFIG = ("targets", "size", "source", "pretrain_epochs", "da_size", "n_val", "settings", "quick", "data")
 
 
+def read_results(folder: str, option: str) -> dict[str, Any]:
+    """``folder/results.json``; ``SystemExit`` naming ``option`` and the file when it is absent."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {option}: {path} does not exist")
+    with open(path) as f:
+        return json.load(f)
+
+
 def combine(dirs: list[str], out: str) -> dict[str, Any]:
     """The rows of the study folders ``dirs`` joined into one results dict (module notes), saved
     as ``out/results.json``; ``SystemExit`` naming the folders and the conflict when they cannot
@@ -423,11 +432,7 @@ def combine(dirs: list[str], out: str) -> dict[str, Any]:
     joined: dict[str, Any] = {"combined": list(dirs), "rows": [], "timing": {}, "log": {}, "config": None}
     where: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {}
     for folder in dirs:
-        path = os.path.join(folder, "results.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --combine: {path} does not exist")
-        with open(path) as f:
-            results = json.load(f)
+        results = read_results(folder, "--combine")
         config = {k: results["config"].get(k) for k in SHARED_CONFIG}
         if joined["config"] is None:
             joined["config"] = {**results["config"], "engines": []}
@@ -473,11 +478,7 @@ def tally(dirs: list[str]) -> tuple[str, list[dict[str, Any]]]:
     total: dict[str, list[int]] = {}
     every: list[dict[str, Any]] = []
     for folder in dirs:
-        path = os.path.join(folder, "results.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --tally: {path} does not exist")
-        with open(path) as f:
-            entries = E.paired_to_map(json.load(f)["rows"])
+        entries = E.paired_to_map(read_results(folder, "--tally")["rows"])
         every.extend(entries)
         for engine in dict.fromkeys(e["engine"] for e in entries):
             mine = [e for e in entries if e["engine"] == engine]
